@@ -1,0 +1,41 @@
+"""The FastAPI application factory."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from afina.api.deps import parse_api_keys
+from afina.api.errors import install_error_handlers
+from afina.api.limits import BodySizeLimit
+from afina.api.routers import files, health
+from afina.core.settings import Settings, get_settings
+from afina.core.storage import ArtifactStorage
+from afina.models.session import make_engine, make_session_factory
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="afina",
+        summary="Self-hosted, OpenAI-compatible QLoRA fine-tuning",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.storage = ArtifactStorage(settings.storage_url)
+    app.state.api_keys = parse_api_keys(settings.api_keys)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    app.include_router(health.router)
+    app.include_router(files.router)
+    return app

@@ -1,0 +1,113 @@
+"""OpenAI's error envelope, `{"error": {message, type, param, code}}`, for every error.
+
+Handlers here turn afina's own errors, FastAPI's request validation and Starlette's HTTP
+errors into that body; anything unexpected becomes a 500 with no detail (it is logged).
+"""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from afina.core.fields import field_path
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class APIError(HTTPException):
+    """An error a client caused. It is an HTTPException so that FastAPI lets it through
+    unchanged while it parses a request body (see `api.limits`)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(status_code, message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.extra = extra
+
+
+def error_body(
+    status_code: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    default_type = "server_error" if status_code >= 500 else "invalid_request_error"
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status_code, default_type),
+            "param": param,
+            "code": code,
+            **extra,
+        }
+    }
+
+
+def error_response(
+    status_code: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, param, code, **extra), status_code)
+
+
+def not_found(kind: str, object_id: str) -> APIError:
+    return APIError(404, f"No {kind} with id {object_id!r}", param="id", code="not_found")
+
+
+async def _api_error(_request: Request, error: APIError) -> JSONResponse:
+    return error_response(error.status_code, error.message, error.param, error.code, **error.extra)
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    # FastAPI prefixes where the value came from: body, query, path, header, cookie.
+    return field_path(location[1:] if len(location) > 1 else location)
+
+
+async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for detail in error.errors():
+        message = "field required" if detail["type"] == "missing" else detail["msg"]
+        problems.append((_field(tuple(detail["loc"])), message))
+    message = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
+    return error_response(400, message, problems[0][0] or None, "invalid_request")
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    message = str(error.detail)
+    if error.status_code == 404 and message == "Not Found":
+        message = f"Unknown request URL: {request.method} {request.url.path}"
+    response = error_response(error.status_code, message, code=_CODES.get(error.status_code))
+    if error.headers:
+        response.headers.update(error.headers)
+    return response
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "The server had an error while processing your request.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

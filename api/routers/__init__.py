@@ -1,0 +1,1 @@
+"""One router per resource: files, health (jobs, inference and models come next)."""

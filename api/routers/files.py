@@ -1,0 +1,176 @@
+"""`/v1/files`: upload, list, retrieve, download and delete datasets, as in OpenAI's API."""
+
+import logging
+import shutil
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
+from afina.api.errors import APIError, not_found
+from afina.api.pagination import ListPage, Order, page_params, paginate
+from afina.api.schemas.files import FileDeleted, FileObject
+from afina.core.datasets import validate_dataset
+from afina.core.ids import new_id
+from afina.core.storage import file_key
+from afina.models import File
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+PURPOSE = "fine-tune"
+
+
+def _display_name(name: str | None) -> str:
+    """The client's name for the file, kept as metadata only: no directories, 255 chars."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return base[:255] or "upload.jsonl"
+
+
+def _size(stream: BinaryIO) -> int:
+    stream.seek(0, 2)
+    size = stream.tell()
+    stream.seek(0)
+    return size
+
+
+@router.post("", response_model=FileObject)
+def create_file(
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    project: ProjectDep,
+    db: DbDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> FileObject:
+    if purpose != PURPOSE:
+        raise APIError(
+            400,
+            f"Unsupported purpose {purpose!r}: afina stores fine-tuning datasets, "
+            f"purpose must be {PURPOSE!r}",
+            param="purpose",
+            code="invalid_purpose",
+        )
+    filename = _display_name(file.filename)
+    size = _size(file.file)
+    if size > settings.max_upload_bytes:
+        raise APIError(
+            413,
+            f"File {filename!r} is {size} bytes, over the upload limit of "
+            f"{settings.max_upload_bytes} bytes (AFINA_MAX_UPLOAD_BYTES)",
+            param="file",
+            code="file_too_large",
+        )
+    report = validate_dataset(file.file, max_line_bytes=settings.max_line_bytes)
+    if not report.ok:
+        raise APIError(
+            400,
+            f"Invalid file {filename!r}: {report.num_bad_lines} bad line(s): {report.summary()}",
+            param="file",
+            code="invalid_file_format",
+            errors=[{"line": e.line, "message": e.message} for e in report.errors],
+        )
+    assert report.format is not None  # a valid report has seen at least one example
+    row = File(
+        id=new_id("file"),
+        project=project,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        format=report.format.value,
+        num_examples=report.num_examples,
+        estimated_tokens=report.estimated_tokens,
+    )
+    key = file_key(row.id)
+    file.file.seek(0)
+    with storage.atomic_write(key) as out:
+        shutil.copyfileobj(file.file, out, CHUNK_BYTES)
+    try:
+        db.add(row)
+        db.commit()
+    except BaseException:
+        storage.delete(key)
+        raise
+    logger.info(
+        "stored %s (%s, %d examples) for project %s", row.id, row.format, row.num_examples, project
+    )
+    return FileObject.of(row)
+
+
+def _owned_file(db: DbDep, project: ProjectDep, file_id: str) -> File:
+    row = db.get(File, file_id)
+    if row is None or row.project != project:
+        raise not_found("file", file_id)
+    return row
+
+
+OwnedFile = Annotated[File, Depends(_owned_file)]
+
+
+@router.get("", response_model=ListPage[FileObject])
+def list_files(
+    db: DbDep,
+    project: ProjectDep,
+    page: Annotated[tuple[str | None, int, Order], Depends(page_params(10_000, 10_000))],
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListPage[FileObject]:
+    after, limit, order = page
+    query = select(File).where(File.project == project)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    rows, has_more = paginate(db, query, File, after=after, limit=limit, order=order)
+    data = [FileObject.of(row) for row in rows]
+    return ListPage[FileObject](
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(row: OwnedFile) -> FileObject:
+    return FileObject.of(row)
+
+
+@router.get("/{file_id}/content")
+def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
+    key = file_key(row.id)
+    try:
+        stream = storage.open(key)
+    except FileNotFoundError:
+        logger.error("file %s has a row but no content at %s", row.id, storage.path(key))
+        raise APIError(
+            404,
+            f"The content of file {row.id!r} is missing from storage",
+            param="id",
+            code="file_content_missing",
+        ) from None
+
+    def chunks() -> Iterator[bytes]:
+        with stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/jsonl",
+        headers={
+            "Content-Length": str(row.bytes),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",
+        },
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
+    db.delete(row)
+    db.commit()
+    # After the commit: a failure here leaves an unreferenced blob, never a row without one.
+    storage.delete(file_key(row.id))
+    return FileDeleted(id=row.id)

@@ -1,0 +1,1 @@
+"""Request and response bodies, shaped like OpenAI's objects."""

@@ -1,0 +1,77 @@
+"""Service settings, read from `AFINA_*` environment variables (and a `.env` file).
+
+The defaults give the embedded mode: SQLite, the Celery broker and the artifacts all under
+`AFINA_DATA_DIR`, so `afina serve` needs no other service.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AFINA_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("data"), description="Root of everything the service keeps."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite file `{data_dir}/afina.db`."
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL; default kombu's SQLAlchemy transport on SQLite.",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Artifact root: a local path or an fsspec URL; default `{data_dir}/artifacts`.",
+    )
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        default=["*"], description="Glob patterns of model ids/paths a job may name."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Bootstrap keys, `project:key` or a bare `key` (project `default`).",
+    )
+    max_upload_bytes: int = Field(default=512 * MiB, gt=0)
+    max_line_bytes: int = Field(default=8 * MiB, gt=0, description="Longest JSONL line accepted.")
+    log_level: str = "info"
+
+    @field_validator("allowed_models", "api_keys", mode="before")
+    @classmethod
+    def split_comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def use_psycopg3(cls, url: str | None) -> str | None:
+        """`postgresql://` would pick psycopg2, which afina does not ship; use psycopg 3."""
+        if url is None:
+            return None
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+        return url
+
+    @model_validator(mode="after")
+    def embedded_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'afina.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if self.storage_url is None:
+            self.storage_url = str(self.data_dir / "artifacts")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

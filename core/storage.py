@@ -1,0 +1,61 @@
+"""Artifact storage under one root: a local directory or any fsspec URL.
+
+Objects are addressed by keys built from ids alone (`files/{id}.jsonl`); a name a client
+sent is metadata and never reaches a path. Writes go to a temporary name first and are
+renamed into place, so a reader never sees half a file.
+"""
+
+import posixpath
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+import fsspec
+
+
+def file_key(file_id: str) -> str:
+    return f"files/{file_id}.jsonl"
+
+
+class ArtifactStorage:
+    def __init__(self, url: str) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.root = self.root.rstrip("/")
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    @contextmanager
+    def atomic_write(self, key: str) -> Iterator[BinaryIO]:
+        """Yield a file to write; it appears under `key` only if the block ends cleanly."""
+        final = self.path(key)
+        temporary = f"{final}.tmp-{secrets.token_hex(8)}"
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
+            with self.fs.open(temporary, "wb") as out:
+                yield out
+            self.fs.mv(temporary, final)
+        except BaseException:
+            self._remove(temporary)
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        return self.fs.open(self.path(key), "rb")
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def delete(self, key: str) -> None:
+        self._remove(self.path(key))
+
+    def check_writable(self) -> None:
+        """Raise if the root cannot take a new object (used by the readiness probe)."""
+        key = f".probe/{secrets.token_hex(8)}"
+        with self.atomic_write(key) as out:
+            out.write(b"ok")
+        self.delete(key)
+
+    def _remove(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path)

@@ -1,0 +1,7 @@
+"""The shared data layer: SQLAlchemy 2.0 tables and the session factory."""
+
+from afina.models.base import Base
+from afina.models.files import File
+from afina.models.jobs import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
+
+__all__ = ["Base", "File", "Job", "JobCheckpoint", "JobEvent", "JobMetric", "JobStatus"]

@@ -1,0 +1,119 @@
+"""Fine-tuning jobs and what their runs record: events, the metric series, checkpoints.
+
+The database, not the broker, is the source of truth for a job's state.
+"""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Enum,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from afina.models.base import Base, CreatedAt, utcnow
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def _job_id_fk(**kwargs: Any) -> Mapped[str]:
+    return mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), **kwargs)
+
+
+class Job(CreatedAt, Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_project_created_at", "project", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(
+            JobStatus,
+            name="job_status",
+            native_enum=False,
+            create_constraint=True,
+            length=32,
+            values_callable=lambda statuses: [status.value for status in statuses],
+        ),
+        index=True,
+    )
+    model: Mapped[str] = mapped_column(String(512))
+    # Plain ids, not foreign keys: like OpenAI's, a job keeps naming a file deleted later.
+    training_file_id: Mapped[str] = mapped_column(String(64), index=True)
+    validation_file_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int]
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), unique=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    steps_done: Mapped[int] = mapped_column(default=0)
+    total_steps: Mapped[int | None]
+    epoch: Mapped[float | None]
+    estimated_finish: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class JobEvent(CreatedAt, Base):
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_created_at", "job_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = _job_id_fk()
+    level: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class JobMetric(Base):
+    """One point of the training curve; a resumed run overwrites the steps it repeats."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[str] = _job_id_fk(primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)
+    epoch: Mapped[float | None]
+    loss: Mapped[float | None]
+    eval_loss: Mapped[float | None]
+    learning_rate: Mapped[float | None]
+    grad_norm: Mapped[float | None]
+    tokens_per_second: Mapped[float | None]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobCheckpoint(CreatedAt, Base):
+    """An adapter saved at `step`, stored under `jobs/{job_id}/checkpoints/step-{step}/`."""
+
+    __tablename__ = "job_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = _job_id_fk()
+    step: Mapped[int]
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

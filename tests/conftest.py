@@ -1,0 +1,114 @@
+"""Fixtures shared by all tests: settings on a temp data dir, a migrated database on each
+backend (SQLite, and the real PostgreSQL server), the app, clients, a live server."""
+
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from afina.api.app import create_app
+from afina.core.settings import Settings
+from afina.models import Base
+from afina.models.schema import upgrade_database
+from afina.models.session import make_engine
+
+POSTGRES_URL = os.environ.get(
+    "AFINA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("AFINA_TEST_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own for this run, created on the server and dropped after it.
+    Without a server the PostgreSQL cases skip, unless AFINA_TEST_REQUIRE_POSTGRES=1 (CI)."""
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except OperationalError as error:
+        admin.dispose()
+        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {error.orig}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"afina_test_{secrets.token_hex(4)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database migrated to head once per backend and test run."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'afina.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+def clean_database(database_url: str) -> Iterator[str]:
+    """The migrated database with every table emptied before the test."""
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+    engine.dispose()
+    yield database_url
+
+
+def make_settings(data_dir: Path, database_url: str, **overrides: object) -> Settings:
+    overrides = {"api_keys": [], **overrides}
+    return Settings(_env_file=None, data_dir=data_dir, database_url=database_url, **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, clean_database: str) -> Settings:
+    return make_settings(tmp_path / "data", clean_database)
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port, for clients that need a socket."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        threading.Event().wait(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
