@@ -5,7 +5,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,9 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A database migrated to head once per backend and test run."""
     if request.param == "sqlite":
@@ -64,24 +66,34 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
-def clean_database(database_url: str) -> Iterator[str]:
+def clean_database(database_url: str) -> str:
     """The migrated database with every table emptied before the test."""
     engine = make_engine(database_url)
     with engine.begin() as connection:
         for table in reversed(Base.metadata.sorted_tables):
             connection.execute(table.delete())
     engine.dispose()
-    yield database_url
+    return database_url
 
 
-def make_settings(data_dir: Path, database_url: str, **overrides: object) -> Settings:
-    overrides = {"api_keys": [], **overrides}
-    return Settings(_env_file=None, data_dir=data_dir, database_url=database_url, **overrides)
+SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def settings(tmp_path: Path, clean_database: str) -> Settings:
-    return make_settings(tmp_path / "data", clean_database)
+def make_settings(tmp_path: Path, clean_database: str) -> SettingsFactory:
+    """Settings on a temp data dir and the clean database, isolated from the environment's
+    AFINA_* keys and .env; keyword arguments override fields."""
+
+    def make(**overrides: object) -> Settings:
+        fields = {"data_dir": tmp_path / "data", "database_url": clean_database, "api_keys": []}
+        return Settings(_env_file=None, **{**fields, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: SettingsFactory) -> Settings:
+    return make_settings()
 
 
 @pytest.fixture

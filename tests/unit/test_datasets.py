@@ -81,8 +81,12 @@ def test_accepts_what_real_datasets_contain():
 
 
 def test_instruction_input_may_be_empty_or_missing():
-    report = check(jsonl({"instruction": "Say hi.", "input": "", "output": "hi"},
-                         {"instruction": "Say hi.", "output": "hi"}))
+    report = check(
+        jsonl(
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Say hi.", "output": "hi"},
+        )
+    )
     assert report.ok, report.errors
     assert report.num_examples == 2
 
@@ -133,7 +137,10 @@ def test_refuses_mixed_formats_naming_both_lines():
         (chat({"content": "hi"}, ASSISTANT), "messages[0].role: is missing"),
         ({"prompt": "2+2=", "completion": ""}, "completion: must not be empty"),
         ({"text": "   \n "}, "text: must not be empty"),
-        (chat(USER, {"role": "assistant", "content": ""}), "messages[1].content: must not be empty"),
+        (
+            chat(USER, {"role": "assistant", "content": ""}),
+            "messages[1].content: must not be empty",
+        ),
         ({"messages": []}, "messages: List should have at least 1 item after validation, not 0"),
     ],
 )
@@ -147,12 +154,18 @@ def test_refuses_missing_and_empty_fields(example, message):
         ({"text": 42}, "text: Input should be a valid string"),
         ({"prompt": ["a"], "completion": "b"}, "prompt: Input should be a valid string"),
         ({"messages": "hi"}, "messages: Input should be a valid list"),
-        (chat(USER, {"role": "assistant", "content": {"text": "4"}}),
-         "messages[1].content: Input should be a valid string"),
-        ({"messages": [USER, "assistant: 4"]},
-         "messages[1]: Input should be a valid dictionary or instance of ChatMessage"),
-        ({"instruction": "Add.", "input": None, "output": "4"},
-         "input: Input should be a valid string"),
+        (
+            chat(USER, {"role": "assistant", "content": {"text": "4"}}),
+            "messages[1].content: Input should be a valid string",
+        ),
+        (
+            {"messages": [USER, "assistant: 4"]},
+            "messages[1]: Input should be a valid dictionary or instance of ChatMessage",
+        ),
+        (
+            {"instruction": "Add.", "input": None, "output": "4"},
+            "input: Input should be a valid string",
+        ),
     ],
 )
 def test_refuses_wrong_types(example, message):
@@ -183,7 +196,7 @@ def test_refuses_chat_where_every_assistant_turn_has_weight_zero():
         ({**ASSISTANT, "weight": 2}, "messages[1].weight: must be 0 or 1, got 2"),
         ({**ASSISTANT, "weight": 0.5}, "messages[1].weight: must be 0 or 1, got 0.5"),
         ({**ASSISTANT, "weight": True}, "messages[1].weight: must be 0 or 1, got true"),
-        ({**ASSISTANT, "weight": "1"}, "messages[1].weight: must be 0 or 1, got \"1\""),
+        ({**ASSISTANT, "weight": "1"}, 'messages[1].weight: must be 0 or 1, got "1"'),
         ({**ASSISTANT, "weight": None}, "messages[1].weight: must be 0 or 1, got null"),
     ],
 )

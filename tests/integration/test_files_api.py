@@ -1,0 +1,313 @@
+"""/v1/files through HTTP, on SQLite and on the real PostgreSQL server."""
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from afina.api.app import create_app
+from afina.api.limits import MULTIPART_OVERHEAD
+from afina.models import File
+from afina.models.session import make_engine, make_session_factory
+
+CHAT = b"".join(
+    json.dumps(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+    ).encode()
+    + b"\n"
+    for i in range(3)
+)
+
+
+def upload(client: TestClient, content: bytes, name: str = "train.jsonl", **form: str):
+    return client.post(
+        "/v1/files",
+        data={"purpose": "fine-tune", **form},
+        files={"file": (name, content, "application/jsonl")},
+    )
+
+
+def rows(settings) -> list[File]:
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine)() as session:
+        found = list(session.scalars(select(File)))
+    engine.dispose()
+    return found
+
+
+def stored_files(settings) -> list[Path]:
+    root = Path(settings.storage_url)
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".probe" not in p.parts)
+
+
+def assert_error(response, status: int, param: str | None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("line", "expected_format"),
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            "chat",
+        ),
+        ({"prompt": "2+2=", "completion": "4"}, "prompt-completion"),
+        ({"instruction": "Add.", "input": "2, 2", "output": "4"}, "instruction"),
+        ({"text": "hello world"}, "text"),
+    ],
+)
+def test_upload_stores_row_and_content(client, settings, line, expected_format):
+    content = (json.dumps(line) + "\n").encode() * 2
+    response = upload(client, content)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"].startswith("file-")
+    assert body["object"] == "file"
+    assert body["bytes"] == len(content)
+    assert body["filename"] == "train.jsonl"
+    assert body["purpose"] == "fine-tune"
+    assert body["status"] == "processed"
+    assert body["validation"]["format"] == expected_format
+    assert body["validation"]["num_examples"] == 2
+    assert body["validation"]["estimated_tokens"] > 0
+    (row,) = rows(settings)
+    assert (row.id, row.format, row.num_examples, row.project) == (
+        body["id"],
+        expected_format,
+        2,
+        "default",
+    )
+    (path,) = stored_files(settings)
+    assert path.name == f"{body['id']}.jsonl"
+    assert path.read_bytes() == content
+
+
+def test_retrieve_download_list_delete(client, settings):
+    created = upload(client, CHAT).json()
+    file_id = created["id"]
+
+    assert client.get(f"/v1/files/{file_id}").json() == created
+    content = client.get(f"/v1/files/{file_id}/content")
+    assert content.status_code == 200
+    assert content.content == CHAT
+    assert "train.jsonl" in content.headers["content-disposition"]
+    listed = client.get("/v1/files").json()
+    assert listed["object"] == "list"
+    assert [f["id"] for f in listed["data"]] == [file_id]
+    assert listed["has_more"] is False
+
+    deleted = client.delete(f"/v1/files/{file_id}")
+    assert deleted.json() == {"id": file_id, "object": "file", "deleted": True}
+    assert rows(settings) == []
+    assert stored_files(settings) == []
+    for method, path in [
+        ("GET", f"/v1/files/{file_id}"),
+        ("GET", f"/v1/files/{file_id}/content"),
+        ("DELETE", f"/v1/files/{file_id}"),
+    ]:
+        assert_error(client.request(method, path), 404, "id", "not_found")
+
+
+def test_list_pages_with_after_and_limit(client):
+    ids = [upload(client, CHAT, name=f"{i}.jsonl").json()["id"] for i in range(5)]
+    newest_first = list(reversed(ids))
+
+    first = client.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == newest_first[:2]
+    assert first["has_more"] is True
+    assert first["last_id"] == newest_first[1]
+    second = client.get("/v1/files", params={"limit": 2, "after": first["last_id"]}).json()
+    assert [f["id"] for f in second["data"]] == newest_first[2:4]
+    third = client.get("/v1/files", params={"limit": 2, "after": second["last_id"]}).json()
+    assert [f["id"] for f in third["data"]] == newest_first[4:]
+    assert third["has_more"] is False
+
+    ascending = client.get("/v1/files", params={"order": "asc", "after": ids[1]}).json()
+    assert [f["id"] for f in ascending["data"]] == ids[2:]
+    assert client.get("/v1/files", params={"purpose": "batch"}).json()["data"] == []
+
+
+def test_bad_list_parameters_are_400_naming_the_parameter(client):
+    assert_error(client.get("/v1/files", params={"limit": 0}), 400, "limit")
+    assert_error(client.get("/v1/files", params={"limit": "many"}), 400, "limit")
+    assert_error(client.get("/v1/files", params={"order": "sideways"}), 400, "order")
+    assert_error(client.get("/v1/files", params={"after": "file-nope"}), 400, "after")
+
+
+def test_invalid_dataset_is_refused_with_line_numbers_and_leaves_nothing(client, settings):
+    content = CHAT + b"{broken\n" + b'{"text": "other format"}\n' + b'{"messages": []}\n'
+    error = assert_error(upload(client, content), 400, "file", "invalid_file_format")
+
+    assert [e["line"] for e in error["errors"]] == [4, 5, 6]
+    assert "line 4: invalid JSON" in error["message"]
+    assert "line 5: mixed formats" in error["message"]
+    assert rows(settings) == []
+    assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty"),
+        (b'{"text": "caf\xe9"}\n', "line 1: not valid UTF-8"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+            "line 1: a chat needs an assistant",
+        ),
+    ],
+)
+def test_each_kind_of_bad_file_gets_a_message(client, settings, content, message):
+    error = assert_error(upload(client, content), 400, "file", "invalid_file_format")
+    assert message in error["message"]
+    assert rows(settings) == []
+
+
+def test_upload_over_the_size_limit_is_413_and_leaves_nothing(make_settings):
+    settings = make_settings(max_upload_bytes=len(CHAT) - 1)
+    with TestClient(create_app(settings)) as client:
+        error = assert_error(upload(client, CHAT), 413, "file", "file_too_large")
+        assert str(len(CHAT) - 1) in error["message"]
+        assert upload(client, CHAT[: len(CHAT) // 3]).status_code == 200
+    assert len(rows(settings)) == 1
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
+    """Driven at the ASGI level to count what the app pulls off the socket."""
+    settings = make_settings(max_upload_bytes=1000)
+    app = create_app(settings)
+    chunk, chunks_offered = b"x" * (64 * 1024), 1000  # 64 MiB, chunked: no Content-Length
+    pulled = 0
+    sent: list[dict] = []
+
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+
+    async def receive() -> dict:
+        nonlocal pulled
+        pulled += 1
+        body = head + chunk if pulled == 1 else chunk
+        return {"type": "http.request", "body": body, "more_body": pulled < chunks_offered}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"]["code"] == "file_too_large"
+    assert pulled * len(chunk) <= 1000 + MULTIPART_OVERHEAD + len(chunk)
+
+    with TestClient(app) as client:
+        declared = {"content-type": "multipart/form-data; boundary=b", "content-length": "50000000"}
+        assert_error(client.post("/v1/files", content=b"x", headers=declared), 413, "file")
+    assert rows(settings) == []
+
+
+def test_form_errors_name_the_field(client, settings):
+    assert_error(upload(client, CHAT, purpose="assistants"), 400, "purpose", "invalid_purpose")
+    assert_error(client.post("/v1/files", data={"purpose": "fine-tune"}), 400, "file")
+    missing_purpose = client.post("/v1/files", files={"file": ("a.jsonl", CHAT)})
+    assert_error(missing_purpose, 400, "purpose")
+    not_multipart = client.post("/v1/files", json={"purpose": "fine-tune", "file": "x"})
+    assert not_multipart.status_code == 400
+    assert rows(settings) == []
+
+
+def test_client_file_name_is_metadata_never_a_path(client, settings, tmp_path):
+    body = upload(client, CHAT, name="../../../../etc/evil.jsonl").json()
+
+    assert body["filename"] == "evil.jsonl"
+    (path,) = stored_files(settings)
+    assert path == Path(settings.storage_url) / "files" / f"{body['id']}.jsonl"
+    assert not list(tmp_path.parent.rglob("evil.jsonl"))
+
+
+def test_unknown_routes_and_methods_get_the_error_envelope(client):
+    assert_error(client.get("/v1/nothing-here"), 404, None, "not_found")
+    assert_error(client.put("/v1/files"), 405, None, "method_not_allowed")
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
+
+
+def test_readiness_is_503_when_the_database_is_unreachable(make_settings):
+    settings = make_settings(
+        database_url="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1"
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"].startswith("unreachable")
+
+
+def test_api_keys_gate_every_route_but_health_and_separate_projects(make_settings):
+    settings = make_settings(api_keys=["alpha:key-a", "key-default"])
+    with TestClient(create_app(settings)) as client:
+        assert_error(client.get("/v1/files"), 401, None, "missing_api_key")
+        wrong = client.get("/v1/files", headers={"Authorization": "Bearer nope"})
+        assert_error(wrong, 401, None, "invalid_api_key")
+        assert client.get("/healthz").status_code == 200
+
+        alpha = {"Authorization": "Bearer key-a"}
+        other = {"Authorization": "Bearer key-default"}
+        file_id = client.post(
+            "/v1/files",
+            headers=alpha,
+            data={"purpose": "fine-tune"},
+            files={"file": ("a.jsonl", CHAT)},
+        ).json()["id"]
+        assert client.get(f"/v1/files/{file_id}", headers=alpha).status_code == 200
+        assert client.get("/v1/files", headers=other).json()["data"] == []
+        for method, path in [
+            ("GET", f"/v1/files/{file_id}"),
+            ("GET", f"/v1/files/{file_id}/content"),
+            ("DELETE", f"/v1/files/{file_id}"),
+        ]:
+            assert_error(client.request(method, path, headers=other), 404, "id")
+    (row,) = rows(settings)
+    assert row.project == "alpha"
+
+
+def test_files_count_matches_uploads_under_concurrency(client, settings):
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        statuses = list(pool.map(lambda _: upload(client, CHAT).status_code, range(8)))
+    assert statuses == [200] * 8
+    engine = make_engine(settings.database_url)
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(File)) == 8
+    engine.dispose()
+    assert len(stored_files(settings)) == 8

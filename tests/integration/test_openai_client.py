@@ -1,0 +1,65 @@
+"""The official `openai` client against a live afina server, on both backends."""
+
+import json
+
+import openai
+import pytest
+
+LINES = [
+    {"messages": [{"role": "user", "content": f"Say {n}"}, {"role": "assistant", "content": n}]}
+    for n in ("one", "two", "three")
+]
+CONTENT = "".join(json.dumps(line) + "\n" for line in LINES).encode()
+
+
+@pytest.fixture
+def client(live_server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
+
+
+def test_files_round_trip(client, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(CONTENT)
+
+    with path.open("rb") as handle:
+        created = client.files.create(file=handle, purpose="fine-tune")
+    assert created.id.startswith("file-")
+    assert created.bytes == len(CONTENT)
+    assert created.filename == "train.jsonl"
+    assert created.status == "processed"
+    validation = created.model_extra["validation"]
+    assert (validation["format"], validation["num_examples"]) == ("chat", 3)
+
+    assert client.files.retrieve(created.id).id == created.id
+    assert [f.id for f in client.files.list()] == [created.id]
+    assert client.files.content(created.id).content == CONTENT
+
+    second = client.files.create(file=("more.jsonl", CONTENT), purpose="fine-tune")
+    page = client.files.list(limit=1)
+    assert [f.id for f in page.data] == [second.id]
+    assert page.has_more is True
+    assert [f.id for f in client.files.list(limit=1)] == [second.id, created.id]  # auto-paging
+
+    deleted = client.files.delete(created.id)
+    assert (deleted.id, deleted.deleted) == (created.id, True)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.files.retrieve(created.id)
+    assert missing.value.code == "not_found"
+
+
+def test_bad_file_raises_bad_request_naming_the_line(client):
+    bad = CONTENT + b'{"messages": [{"role": "wizard", "content": "hi"}]}\n'
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    error = refused.value
+    assert error.status_code == 400
+    assert error.param == "file"
+    assert error.code == "invalid_file_format"
+    assert "line 4: messages[0].role: unknown role 'wizard'" in error.message
+    assert client.files.list().data == []
+
+
+def test_wrong_purpose_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=("a.jsonl", CONTENT), purpose="assistants")
+    assert refused.value.param == "purpose"
