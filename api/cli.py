@@ -40,6 +40,8 @@ def serve(
     if migrate_first:
         upgrade_database(settings.database_url)
     typer.echo(f"afina: data in {settings.data_dir}, database {settings.database_url}")
+    if not settings.api_keys:
+        typer.echo("afina: no AFINA_API_KEYS set: every caller of this address has full access")
     uvicorn.run(
         "afina.api.app:create_app",
         factory=True,
