@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from afina.api.deps import parse_api_keys
+from afina.api.auth import ApiKeyAuth
 from afina.api.errors import install_error_handlers
 from afina.api.limits import BodySizeLimit
 from afina.api.routers import files, health
@@ -33,8 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = ArtifactStorage(settings.storage_url)
-    app.state.api_keys = parse_api_keys(settings.api_keys)
     install_error_handlers(app)
+    # The last added runs first: the size limit, then the key check, then the app.
+    app.add_middleware(ApiKeyAuth, keys=settings.api_key_projects())
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.include_router(health.router)
     app.include_router(files.router)

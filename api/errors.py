@@ -4,7 +4,6 @@ Handlers here turn afina's own errors, FastAPI's request validation and Starlett
 errors into that body; anything unexpected becomes a 500 with no detail (it is logged).
 """
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,8 +12,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from afina.core.fields import field_path
-
-logger = logging.getLogger(__name__)
 
 _TYPES = {
     401: "authentication_error",
@@ -44,29 +41,13 @@ class APIError(HTTPException):
         self.extra = extra
 
 
-def error_body(
-    status_code: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    default_type = "server_error" if status_code >= 500 else "invalid_request_error"
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status_code, default_type),
-            "param": param,
-            "code": code,
-            **extra,
-        }
-    }
-
-
 def error_response(
     status_code: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse(error_body(status_code, message, param, code, **extra), status_code)
+    default_type = "server_error" if status_code >= 500 else "invalid_request_error"
+    error_type = _TYPES.get(status_code, default_type)
+    body = {"message": message, "type": error_type, "param": param, "code": code, **extra}
+    return JSONResponse({"error": body}, status_code)
 
 
 def not_found(kind: str, object_id: str) -> APIError:
@@ -86,6 +67,7 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
     problems = []
     for detail in error.errors():
         message = "field required" if detail["type"] == "missing" else detail["msg"]
+        message = message.removeprefix("Value error, ")
         problems.append((_field(tuple(detail["loc"])), message))
     message = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
     return error_response(400, message, problems[0][0] or None, "invalid_request")
@@ -101,8 +83,8 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return response
 
 
-async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+async def _unexpected_error(_request: Request, _error: Exception) -> JSONResponse:
+    # Starlette re-raises the error after this response, and the server logs it there.
     return error_response(500, "The server had an error while processing your request.")
 
 

@@ -15,16 +15,10 @@ class BodySizeLimit:
 
     def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
         self.app = app
-        self.max_upload_bytes = max_upload_bytes
         self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD
-
-    def _error(self) -> APIError:
-        return APIError(
-            413,
-            f"Request body is larger than the upload limit of {self.max_upload_bytes} bytes "
-            "(AFINA_MAX_UPLOAD_BYTES)",
-            param="file",
-            code="file_too_large",
+        self.message = (
+            f"Request body is larger than the upload limit of {max_upload_bytes} bytes "
+            "(AFINA_MAX_UPLOAD_BYTES)"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -33,8 +27,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            error = self._error()
-            response = error_response(413, error.message, error.param, error.code)
+            response = error_response(413, self.message, "file", "file_too_large")
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
@@ -47,7 +40,8 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise self._error()
+                    # An HTTPException: FastAPI passes it through its body parsing untouched.
+                    raise APIError(413, self.message, param="file", code="file_too_large")
             return message
 
         await self.app(scope, counting_receive, send)

@@ -8,6 +8,7 @@ from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import Session
 
 from afina.api.errors import APIError
+from afina.core.ids import ID_PATTERN
 
 Order = Literal["asc", "desc"]
 T = TypeVar("T")
@@ -25,7 +26,7 @@ def page_params(default_limit: int, max_limit: int) -> Any:
     """A dependency reading `after`, `limit` and `order` from the query string."""
 
     def params(
-        after: Annotated[str | None, Query(max_length=64)] = None,
+        after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=max_limit)] = default_limit,
         order: Order = "desc",
     ) -> tuple[str | None, int, Order]:

@@ -16,6 +16,7 @@ are reported with their line numbers, the rest are counted.
 
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -45,13 +46,27 @@ class DatasetFormat(StrEnum):
     TEXT = "text"
 
 
+def _encodable(value: str) -> str:
+    # JSON can escape half of a UTF-16 pair ("\ud800"): no character, and no tokenizer takes it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(
+            "surrogate",
+            "contains an unpaired surrogate escape {escape}",
+            {"escape": f"\\u{ord(value[error.start]):04x}"},
+        ) from None
+    return value
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError("empty", "must not be empty")
     return value
 
 
-NonEmptyText = Annotated[str, AfterValidator(_not_blank)]
+Text = Annotated[str, AfterValidator(_encodable)]
+NonEmptyText = Annotated[Text, AfterValidator(_not_blank)]
 ROLES = ("system", "user", "assistant")
 
 
@@ -124,7 +139,7 @@ class PromptCompletionExample(_Example):
 
 class InstructionExample(_Example):
     instruction: NonEmptyText
-    input: str = ""
+    input: Text = ""
     output: NonEmptyText
 
     def characters(self) -> int:
@@ -180,7 +195,7 @@ class DatasetReport:
 
     @property
     def ok(self) -> bool:
-        return self.num_bad_lines == 0
+        return not self.errors
 
     @property
     def estimated_tokens(self) -> int:
@@ -188,15 +203,19 @@ class DatasetReport:
         return math.ceil(self.characters / CHARS_PER_TOKEN)
 
     def add_error(self, line: int | None, message: str) -> None:
-        self.num_bad_lines += 1
+        if line is not None:
+            self.num_bad_lines += 1
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(LineError(line, message))
 
     def summary(self) -> str:
         shown = "; ".join(str(error) for error in self.errors)
+        if not self.num_bad_lines:
+            return shown
         hidden = self.num_bad_lines - len(self.errors)
-        more = f"; and {hidden} more bad lines" if hidden > 0 else ""
-        return f"{shown}{more}"
+        more = f"; and {hidden} more" if hidden > 0 else ""
+        plural = "s" if self.num_bad_lines > 1 else ""
+        return f"{self.num_bad_lines} bad line{plural}: {shown}{more}"
 
 
 class _InvalidLine(Exception):
@@ -238,7 +257,10 @@ def _parse_object(text: str) -> dict[str, Any]:
     except RecursionError:
         raise _InvalidLine("invalid JSON: nested too deeply") from None
     except ValueError as error:
-        raise _InvalidLine(f"invalid JSON: {error}") from None
+        problem = str(error)
+        if "integer string conversion" in problem:
+            problem = f"a number has more than {sys.get_int_max_str_digits()} digits"
+        raise _InvalidLine(f"invalid JSON: {problem}") from None
     if not isinstance(value, dict):
         raise _InvalidLine(f"expected a JSON object, got {_json_type(value)}")
     return value
@@ -264,18 +286,15 @@ def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
     """Check every line of a JSONL dataset read from a binary stream."""
     report = DatasetReport()
     format_line = 0
-    seen_content = False
+    lines_with_content = 0
     for number, raw in _read_lines(stream, max_line_bytes):
-        if raw is None:
-            seen_content = True
-            report.add_error(number, f"line is longer than {max_line_bytes} bytes")
-            continue
+        if raw is not None and not raw.strip():
+            continue  # blank lines are allowed anywhere
+        lines_with_content += 1
         try:
-            text = _decode(raw, first=number == 1)
-            if not text.strip():
-                continue
-            seen_content = True
-            example = _parse_object(text)
+            if raw is None:
+                raise _InvalidLine(f"line is longer than {max_line_bytes} bytes")
+            example = _parse_object(_decode(raw, first=number == 1))
             line_format = detect_format(example)
             if line_format is None:
                 raise _InvalidLine(
@@ -294,11 +313,10 @@ def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
             except ValidationError as error:
                 raise _InvalidLine(_describe(error)) from None
         except _InvalidLine as problem:
-            seen_content = True
             report.add_error(number, str(problem))
             continue
         report.num_examples += 1
         report.characters += parsed.characters()
-    if not seen_content:
+    if not lines_with_content:
         report.add_error(None, "the file is empty")
     return report

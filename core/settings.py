@@ -4,6 +4,7 @@ The defaults give the embedded mode: SQLite, the Celery broker and the artifacts
 `AFINA_DATA_DIR`, so `afina serve` needs no other service.
 """
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+DEFAULT_PROJECT = "default"
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Settings(BaseSettings):
@@ -49,6 +52,21 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def keys_name_valid_projects(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            project, key = split_api_key(entry)
+            if not PROJECT_NAME.fullmatch(project):
+                raise ValueError(f"project {project!r}: use 1-64 letters, digits, '_' or '-'")
+            if not key:
+                raise ValueError(f"project {project!r} has an empty key")
+        return entries
+
+    def api_key_projects(self) -> dict[str, str]:
+        """{key: project} for the bootstrap keys."""
+        return {key: project for project, key in map(split_api_key, self.api_keys)}
+
     @field_validator("database_url")
     @classmethod
     def use_psycopg3(cls, url: str | None) -> str | None:
@@ -70,6 +88,12 @@ class Settings(BaseSettings):
         if self.storage_url is None:
             self.storage_url = str(self.data_dir / "artifacts")
         return self
+
+
+def split_api_key(entry: str) -> tuple[str, str]:
+    """`project:key` -> (project, key); a bare `key` belongs to the default project."""
+    project, separator, key = entry.partition(":")
+    return (project, key) if separator else (DEFAULT_PROJECT, entry)
 
 
 @lru_cache

@@ -8,7 +8,7 @@ renamed into place, so a reader never sees half a file.
 import posixpath
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import BinaryIO
 
 import fsspec
@@ -43,9 +43,6 @@ class ArtifactStorage:
     def open(self, key: str) -> BinaryIO:
         return self.fs.open(self.path(key), "rb")
 
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
-
     def delete(self, key: str) -> None:
         self._remove(self.path(key))
 
@@ -57,5 +54,5 @@ class ArtifactStorage:
         self.delete(key)
 
     def _remove(self, path: str) -> None:
-        if self.fs.exists(path):
+        with suppress(FileNotFoundError):  # already gone: removing is idempotent
             self.fs.rm(path)

@@ -8,14 +8,14 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
 from afina.api.errors import APIError, not_found
 from afina.api.pagination import ListPage, Order, page_params, paginate
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
-from afina.core.ids import new_id
+from afina.core.ids import looks_like_id, new_id
 from afina.core.storage import file_key
 from afina.models import File
 
@@ -27,8 +27,10 @@ PURPOSE = "fine-tune"
 
 
 def _display_name(name: str | None) -> str:
-    """The client's name for the file, kept as metadata only: no directories, 255 chars."""
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    """The client's name for the file, kept as metadata only: no directories, no control
+    characters, at most 255 characters."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()
     return base[:255] or "upload.jsonl"
 
 
@@ -47,7 +49,15 @@ def create_file(
     db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
+    expires_after: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
 ) -> FileObject:
+    if expires_after is not None:
+        raise APIError(
+            400,
+            "expires_after is not supported: afina keeps a file until it is deleted",
+            param="expires_after",
+            code="unsupported_parameter",
+        )
     if purpose != PURPOSE:
         raise APIError(
             400,
@@ -70,7 +80,7 @@ def create_file(
     if not report.ok:
         raise APIError(
             400,
-            f"Invalid file {filename!r}: {report.num_bad_lines} bad line(s): {report.summary()}",
+            f"Invalid file {filename!r}: {report.summary()}",
             param="file",
             code="invalid_file_format",
             errors=[{"line": e.line, "message": e.message} for e in report.errors],
@@ -103,7 +113,7 @@ def create_file(
 
 
 def _owned_file(db: DbDep, project: ProjectDep, file_id: str) -> File:
-    row = db.get(File, file_id)
+    row = db.get(File, file_id) if looks_like_id(file_id, "file") else None
     if row is None or row.project != project:
         raise not_found("file", file_id)
     return row
@@ -117,7 +127,7 @@ def list_files(
     db: DbDep,
     project: ProjectDep,
     page: Annotated[tuple[str | None, int, Order], Depends(page_params(10_000, 10_000))],
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
 ) -> ListPage[FileObject]:
     after, limit, order = page
     query = select(File).where(File.project == project)
@@ -169,8 +179,11 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
-    db.delete(row)
+    # One statement decides between concurrent deletes: the one that removed the row wins.
+    removed = db.execute(delete(File).where(File.id == row.id, File.project == row.project))
     db.commit()
+    if removed.rowcount == 0:
+        raise not_found("file", row.id)
     # After the commit: a failure here leaves an unreferenced blob, never a row without one.
     storage.delete(file_key(row.id))
     return FileDeleted(id=row.id)

@@ -188,21 +188,21 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(make_settings):
     assert len(rows(settings)) == 1
 
 
-def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
-    """Driven at the ASGI level to count what the app pulls off the socket."""
-    settings = make_settings(max_upload_bytes=1000)
-    app = create_app(settings)
-    chunk, chunks_offered = b"x" * (64 * 1024), 1000  # 64 MiB, chunked: no Content-Length
+MULTIPART_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+
+
+def post_chunked_upload(app, chunks: int, headers: tuple = ()) -> tuple[int, dict, int]:
+    """POST a chunked multipart body of `chunks` x 64 KiB straight to the ASGI app.
+    Returns (status, JSON body, how many chunks the app pulled)."""
+    chunk = b"x" * (64 * 1024)
     pulled = 0
     sent: list[dict] = []
-
-    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
 
     async def receive() -> dict:
         nonlocal pulled
         pulled += 1
-        body = head + chunk if pulled == 1 else chunk
-        return {"type": "http.request", "body": body, "more_body": pulled < chunks_offered}
+        body = MULTIPART_HEAD + chunk if pulled == 1 else chunk
+        return {"type": "http.request", "body": body, "more_body": pulled < chunks}
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -217,15 +217,22 @@ def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
         "raw_path": b"/v1/files",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b"), *headers],
     }
     asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), pulled
 
-    assert sent[0]["status"] == 413
-    assert json.loads(sent[1]["body"])["error"]["code"] == "file_too_large"
-    assert pulled * len(chunk) <= 1000 + MULTIPART_OVERHEAD + len(chunk)
+
+def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
+    settings = make_settings(max_upload_bytes=1000)
+    app = create_app(settings)
+
+    status, body, pulled = post_chunked_upload(app, chunks=1000)  # 64 MiB offered
+    assert (status, body["error"]["code"]) == (413, "file_too_large")
+    assert pulled * 64 * 1024 <= 1000 + MULTIPART_OVERHEAD + 64 * 1024
 
     with TestClient(app) as client:
         declared = {"content-type": "multipart/form-data; boundary=b", "content-length": "50000000"}
@@ -276,11 +283,16 @@ def test_readiness_is_503_when_the_database_is_unreachable(make_settings):
 
 def test_api_keys_gate_every_route_but_health_and_separate_projects(make_settings):
     settings = make_settings(api_keys=["alpha:key-a", "key-default"])
-    with TestClient(create_app(settings)) as client:
-        assert_error(client.get("/v1/files"), 401, None, "missing_api_key")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        missing = client.get("/v1/files")
+        assert_error(missing, 401, None, "missing_api_key")
+        assert missing.headers["www-authenticate"] == "Bearer"
         wrong = client.get("/v1/files", headers={"Authorization": "Bearer nope"})
         assert_error(wrong, 401, None, "invalid_api_key")
+        assert_error(client.get("/docs"), 401, None, "missing_api_key")
         assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
 
         alpha = {"Authorization": "Bearer key-a"}
         other = {"Authorization": "Bearer key-default"}
@@ -301,6 +313,10 @@ def test_api_keys_gate_every_route_but_health_and_separate_projects(make_setting
     (row,) = rows(settings)
     assert row.project == "alpha"
 
+    # Without a key an upload is refused before its body is read.
+    status, body, pulled = post_chunked_upload(app, chunks=100)
+    assert (status, body["error"]["code"], pulled) == (401, "missing_api_key", 0)
+
 
 def test_files_count_matches_uploads_under_concurrency(client, settings):
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -311,3 +327,47 @@ def test_files_count_matches_uploads_under_concurrency(client, settings):
         assert connection.scalar(select(func.count()).select_from(File)) == 8
     engine.dispose()
     assert len(stored_files(settings)) == 8
+
+
+def test_concurrent_deletes_of_one_file_succeed_once(client, settings):
+    file_id = upload(client, CHAT).json()["id"]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = sorted(
+            pool.map(lambda _: client.delete(f"/v1/files/{file_id}").status_code, range(6))
+        )
+    assert statuses == [200] + [404] * 5
+    assert rows(settings) == []
+    assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "param"),
+    [
+        ("/v1/files/file-a%00b", {}, 404, "id"),
+        ("/v1/files/file-a%00b/content", {}, 404, "id"),
+        ("/v1/files/" + "x" * 5000, {}, 404, "id"),
+        ("/v1/files", {"after": "file-a\x00b"}, 400, "after"),
+        ("/v1/files", {"after": "x" * 5000}, 400, "after"),
+        ("/v1/files", {"purpose": "fine\x00tune"}, 400, "purpose"),
+    ],
+)
+def test_odd_ids_and_parameters_are_4xx_not_500(client, path, params, status, param):
+    assert_error(client.get(path, params=params), status, param)
+
+
+def test_control_characters_are_dropped_from_the_file_name(client):
+    raw = (  # by hand: httpx would percent-encode the NUL
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="tra\x00in\x1b[31m.jsonl"'
+        b"\r\n\r\n" + CHAT + b"\r\n--b--\r\n"
+    )
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    response = client.post("/v1/files", content=raw, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["filename"] == "train[31m.jsonl"
+
+
+def test_expires_after_is_refused_not_ignored(client, settings):
+    response = upload(client, CHAT, **{"expires_after[anchor]": "created_at"})
+    assert_error(response, 400, "expires_after", "unsupported_parameter")
+    assert rows(settings) == []

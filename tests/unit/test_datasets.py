@@ -118,8 +118,7 @@ def test_refuses_nesting_too_deep_and_numbers_too_large():
 
     huge = b'{"text": "x", "n": ' + b"9" * 10_000 + b"}"
     line, message = only_error(huge + b"\n", max_line_bytes=len(huge))
-    assert line == 1
-    assert message.startswith("invalid JSON: Exceeds the limit")
+    assert (line, message) == (1, "invalid JSON: a number has more than 4300 digits")
 
 
 def test_refuses_mixed_formats_naming_both_lines():
@@ -209,6 +208,20 @@ def test_refuses_weight_on_a_user_message():
     assert only_error(data) == (1, "messages[0]: weight is only allowed on assistant messages")
 
 
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (rb'{"text": "half a pair \ud800"}', "text: contains an unpaired surrogate escape \\ud800"),
+        (
+            rb'{"instruction": "a", "input": "\udfff", "output": "b"}',
+            "input: contains an unpaired surrogate escape \\udfff",
+        ),
+    ],
+)
+def test_refuses_unpaired_surrogate_escapes(line, error):
+    assert only_error(line + b"\n") == (1, error)
+
+
 def test_refuses_bytes_that_are_not_utf8():
     data = jsonl({"text": "ok"}) + b'{"text": "caf\xe9"}\n'  # Latin-1, not UTF-8
     assert only_error(data) == (2, "not valid UTF-8 (byte 0xe9 at byte 14)")
@@ -216,7 +229,9 @@ def test_refuses_bytes_that_are_not_utf8():
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \r\n\t\n"], ids=["no bytes", "blank lines"])
 def test_refuses_an_empty_file(data):
-    assert only_error(data) == (None, "the file is empty")
+    report = check(data)
+    assert [(e.line, e.message) for e in report.errors] == [(None, "the file is empty")]
+    assert report.summary() == "the file is empty"
 
 
 def test_refuses_a_line_over_the_limit_and_goes_on_with_the_next():
@@ -242,5 +257,6 @@ def test_reports_the_first_errors_and_counts_the_rest():
 
     assert report.num_bad_lines == MAX_REPORTED_ERRORS + 5
     assert [e.line for e in report.errors] == list(range(2, MAX_REPORTED_ERRORS + 2))
-    assert report.summary().endswith("; and 5 more bad lines")
+    assert report.summary().startswith(f"{MAX_REPORTED_ERRORS + 5} bad lines: line 2: ")
+    assert report.summary().endswith("; and 5 more")
     assert report.num_examples == 1

@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from afina.core.settings import Settings
 
 
@@ -38,3 +41,18 @@ def test_explicit_driver_is_kept():
     url = "postgresql+psycopg://u@h/db"
     assert Settings(_env_file=None, database_url=url).database_url == url
     assert Settings(_env_file=None, database_url="postgres://u@h/db").database_url == url
+
+
+def test_api_keys_map_to_their_project_and_bare_keys_to_default():
+    settings = Settings(_env_file=None, api_keys="alpha:k1,k2,beta:k:with:colons")
+    assert settings.api_key_projects() == {
+        "k1": "alpha",
+        "k2": "default",
+        "k:with:colons": "beta",
+    }
+
+
+@pytest.mark.parametrize("entry", ["a b:key", f"{'p' * 65}:key", "team:", ":key"])
+def test_api_keys_with_bad_project_names_or_empty_keys_are_refused(entry):
+    with pytest.raises(ValidationError, match="api_keys"):
+        Settings(_env_file=None, api_keys=[entry])
