@@ -51,7 +51,8 @@ def error_response(
 
 
 def not_found(kind: str, object_id: str) -> APIError:
-    return APIError(404, f"No {kind} with id {object_id!r}", param="id", code="not_found")
+    shown = object_id if len(object_id) <= 80 else object_id[:80] + "..."
+    return APIError(404, f"No {kind} with id {shown!r}", param="id", code="not_found")
 
 
 async def _api_error(_request: Request, error: APIError) -> JSONResponse:
