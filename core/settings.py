@@ -18,7 +18,10 @@ PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AFINA_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a bad AFINA_API_KEYS must not print the keys at start-up.
+    model_config = SettingsConfigDict(
+        env_prefix="AFINA_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(
         default=Path("data"), description="Root of everything the service keeps."
