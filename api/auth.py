@@ -8,6 +8,7 @@ request state for `get_project`.
 import hmac
 
 from fastapi import Request
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from afina.api.errors import error_response
@@ -34,24 +35,17 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        project = DEFAULT_PROJECT if not self.keys else None
+        project = DEFAULT_PROJECT
         if self.keys:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                await self._refuse(
-                    scope,
-                    receive,
-                    send,
-                    "Missing API key: send it as `Authorization: Bearer <key>`.",
-                    "missing_api_key",
-                )
+                message = "Missing API key: send it as `Authorization: Bearer <key>`."
+                await self._refuse(scope, receive, send, message, "missing_api_key")
                 return
             project = find_project(self.keys, token.strip())
             if project is None:
-                await self._refuse(
-                    scope, receive, send, "Incorrect API key provided.", "invalid_api_key"
-                )
+                message = "Incorrect API key provided."
+                await self._refuse(scope, receive, send, message, "invalid_api_key")
                 return
         scope.setdefault("state", {})["project"] = project
         await self.app(scope, receive, send)

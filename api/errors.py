@@ -13,12 +13,7 @@ from starlette.exceptions import HTTPException
 
 from afina.core.fields import field_path
 
-_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    429: "rate_limit_error",
-}
-_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 class APIError(HTTPException):
@@ -44,8 +39,10 @@ class APIError(HTTPException):
 def error_response(
     status_code: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
 ) -> JSONResponse:
-    default_type = "server_error" if status_code >= 500 else "invalid_request_error"
-    error_type = _TYPES.get(status_code, default_type)
+    if status_code == 401:
+        error_type = "authentication_error"
+    else:
+        error_type = "server_error" if status_code >= 500 else "invalid_request_error"
     body = {"message": message, "type": error_type, "param": param, "code": code, **extra}
     return JSONResponse({"error": body}, status_code)
 

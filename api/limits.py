@@ -1,5 +1,6 @@
 """Refuse request bodies over the upload limit before they are read whole."""
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from afina.api.errors import APIError, error_response
@@ -25,7 +26,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             response = error_response(413, self.message, "file", "file_too_large")
             response.headers["Connection"] = "close"
