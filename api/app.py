@@ -8,10 +8,11 @@ from fastapi import FastAPI
 from afina.api.auth import ApiKeyAuth
 from afina.api.errors import install_error_handlers
 from afina.api.limits import BodySizeLimit
-from afina.api.routers import files, health
+from afina.api.routers import files, fine_tuning, health
 from afina.core.settings import Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
+from afina.worker.celery_app import create_celery
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.celery.close()
         engine.dispose()
 
     app = FastAPI(
@@ -33,10 +35,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = ArtifactStorage(settings.storage_url)
+    app.state.celery = create_celery(settings)
     install_error_handlers(app)
     # The last added runs first: the size limit, then the key check, then the app.
     app.add_middleware(ApiKeyAuth, keys=settings.api_key_projects())
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     return app

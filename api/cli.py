@@ -1,12 +1,15 @@
 """The `afina` command line."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
 
-from afina.core.settings import get_settings
+from afina.core.settings import Settings, get_settings
 from afina.models.schema import upgrade_database
 
 app = typer.Typer(
@@ -14,6 +17,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+logger = logging.getLogger("afina.cli")
+
+# How long a stopping worker may take to halt its run at the next step and re-queue it.
+WORKER_STOP_SECONDS = 30
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @app.command()
@@ -24,6 +37,24 @@ def migrate() -> None:
     typer.echo(f"database is up to date: {settings.database_url}")
 
 
+def _start_worker() -> subprocess.Popen[bytes]:
+    # Its own session: a Ctrl-C at the terminal reaches `afina serve`, which stops the
+    # worker itself, after the API.
+    return subprocess.Popen([sys.executable, "-m", "afina.worker"], start_new_session=True)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(WORKER_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        logger.warning("the worker did not stop in %d s: killing it", WORKER_STOP_SECONDS)
+        worker.kill()
+        worker.wait()
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -31,21 +62,51 @@ def serve(
     migrate_first: Annotated[
         bool, typer.Option("--migrate/--no-migrate", help="Apply migrations before serving.")
     ] = True,
+    with_worker: Annotated[
+        bool,
+        typer.Option("--worker/--no-worker", help="Run a training worker beside the API."),
+    ] = True,
 ) -> None:
-    """Run the API on HOST:PORT (embedded default: SQLite and files under AFINA_DATA_DIR)."""
+    """Run the API on HOST:PORT and a training worker beside it (embedded default: SQLite,
+    the queue and the files under AFINA_DATA_DIR)."""
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(settings)
     if migrate_first:
         upgrade_database(settings.database_url)
     typer.echo(f"afina: data in {settings.data_dir}, database {settings.database_url}")
     if not settings.api_keys:
         typer.echo("afina: no AFINA_API_KEYS set: every caller of this address has full access")
-    uvicorn.run(
-        "afina.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        log_level=settings.log_level.lower(),
-    )
+    worker = _start_worker() if with_worker else None
+    try:
+        uvicorn.run(
+            "afina.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if worker is not None:
+            _stop_worker(worker)
+
+
+@app.command()
+def worker() -> None:
+    """Run one training worker (queue `train`) on this machine, e.g. on a GPU node; pin it to
+    a GPU with CUDA_VISIBLE_DEVICES."""
+    from afina.worker.celery_app import run_worker
+
+    run_worker()
+
+
+@app.command("demo-model")
+def demo_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model.")],
+) -> None:
+    """Build a tiny random-weight Llama model and tokenizer (with a chat template) in
+    DIRECTORY, to try the whole flow offline. It learns, but says nothing sensible."""
+    from afina.worker.demo_model import build_demo_model
+
+    path = build_demo_model(directory.expanduser().resolve())
+    typer.echo(f"demo model written to {path}")
+    typer.echo(f'use it as the job\'s model: "model": "{path}"')

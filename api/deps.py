@@ -1,8 +1,10 @@
-"""FastAPI dependencies: settings, a database session per request, storage, the caller."""
+"""FastAPI dependencies: settings, a database session per request, storage, the caller,
+the job queue."""
 
 from collections.abc import Iterator
 from typing import Annotated
 
+from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -24,7 +26,12 @@ def artifact_storage(request: Request) -> ArtifactStorage:
     return request.app.state.storage
 
 
+def job_queue(request: Request) -> Celery:
+    return request.app.state.celery
+
+
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 DbDep = Annotated[Session, Depends(db_session)]
 StorageDep = Annotated[ArtifactStorage, Depends(artifact_storage)]
 ProjectDep = Annotated[str, Depends(get_project)]
+QueueDep = Annotated[Celery, Depends(job_queue)]

@@ -21,6 +21,16 @@ class ListPage(BaseModel, Generic[T]):
     first_id: str | None
     last_id: str | None
 
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> "ListPage[Any]":
+        """A page of objects that have an `id`."""
+        return cls(
+            data=data,
+            has_more=has_more,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
+
 
 def page_params(default_limit: int, max_limit: int) -> Any:
     """A dependency reading `after`, `limit` and `order` from the query string."""

@@ -153,6 +153,8 @@ class TextExample(_Example):
         return len(self.text)
 
 
+Example = ChatExample | PromptCompletionExample | InstructionExample | TextExample
+
 EXAMPLE_MODELS: dict[DatasetFormat, type[_Example]] = {
     DatasetFormat.CHAT: ChatExample,
     DatasetFormat.PROMPT_COMPLETION: PromptCompletionExample,
@@ -282,15 +284,16 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
-    """Check every line of a JSONL dataset read from a binary stream."""
-    report = DatasetReport()
+def _parse_lines(
+    stream: BinaryIO, max_line_bytes: int
+) -> Iterator[tuple[int, DatasetFormat, _Example] | tuple[int, None, _InvalidLine]]:
+    """Yield (line number, format, example) for each line with content, or
+    (line number, None, problem) for a bad one."""
+    file_format: DatasetFormat | None = None
     format_line = 0
-    lines_with_content = 0
     for number, raw in _read_lines(stream, max_line_bytes):
         if raw is not None and not raw.strip():
             continue  # blank lines are allowed anywhere
-        lines_with_content += 1
         try:
             if raw is None:
                 raise _InvalidLine(f"line is longer than {max_line_bytes} bytes")
@@ -301,22 +304,46 @@ def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
                     "unknown format: expected a 'messages', 'prompt'/'completion', "
                     "'instruction'/'output' or 'text' field"
                 )
-            if report.format is None:
-                report.format, format_line = line_format, number
-            elif line_format != report.format:
+            if file_format is None:
+                file_format, format_line = line_format, number
+            elif line_format != file_format:
                 raise _InvalidLine(
                     f"mixed formats: this line is {line_format} "
-                    f"but line {format_line} is {report.format}"
+                    f"but line {format_line} is {file_format}"
                 )
             try:
                 parsed = EXAMPLE_MODELS[line_format].model_validate(example)
             except ValidationError as error:
                 raise _InvalidLine(_describe(error)) from None
         except _InvalidLine as problem:
-            report.add_error(number, str(problem))
+            yield number, None, problem
             continue
+        yield number, line_format, parsed
+
+
+def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
+    """Check every line of a JSONL dataset read from a binary stream."""
+    report = DatasetReport()
+    lines_with_content = 0
+    for number, line_format, result in _parse_lines(stream, max_line_bytes):
+        lines_with_content += 1
+        if line_format is None:
+            report.add_error(number, str(result))
+            continue
+        report.format = line_format
         report.num_examples += 1
-        report.characters += parsed.characters()
+        report.characters += result.characters()
     if not lines_with_content:
         report.add_error(None, "the file is empty")
     return report
+
+
+def read_examples(stream: BinaryIO, *, max_line_bytes: int) -> Iterator[Example]:
+    """The examples of a dataset that passed `validate_dataset`, one at a time.
+
+    Raises ValueError naming the line if the stream holds a bad line after all.
+    """
+    for number, line_format, result in _parse_lines(stream, max_line_bytes):
+        if line_format is None:
+            raise ValueError(f"line {number}: {result}")
+        yield result

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         default=[],
         description="Bootstrap keys, `project:key` or a bare `key` (project `default`).",
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let models run their own code from the hub; an operator's choice only.",
+    )
     max_upload_bytes: int = Field(default=512 * MiB, gt=0)
     max_line_bytes: int = Field(default=8 * MiB, gt=0, description="Longest JSONL line accepted.")
     log_level: str = "info"

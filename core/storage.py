@@ -1,14 +1,16 @@
 """Artifact storage under one root: a local directory or any fsspec URL.
 
-Objects are addressed by keys built from ids alone (`files/{id}.jsonl`); a name a client
+Objects are addressed by keys built from ids alone (`files/{id}.jsonl`,
+`jobs/{id}/adapter/`, `jobs/{id}/checkpoints/step-{n}/`); a name a client
 sent is metadata and never reaches a path. Writes go to a temporary name first and are
 renamed into place, so a reader never sees half a file.
 """
 
 import posixpath
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
@@ -16,6 +18,14 @@ import fsspec
 
 def file_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
+
+
+def adapter_key(job_id: str) -> str:
+    return f"jobs/{job_id}/adapter"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    return f"jobs/{job_id}/checkpoints/step-{step}"
 
 
 class ArtifactStorage:
@@ -40,6 +50,26 @@ class ArtifactStorage:
             self._remove(temporary)
             raise
 
+    def put_directory(self, local: Path, key: str, *, names: Iterable[str] | None = None) -> None:
+        """Copy a local directory (or just `names` in it) to `key`, replacing what was there;
+        it appears whole or not at all."""
+        final = self.path(key)
+        temporary = f"{final}.tmp-{secrets.token_hex(8)}"
+        try:
+            self.fs.makedirs(temporary, exist_ok=True)
+            for name in names if names is not None else sorted(p.name for p in local.iterdir()):
+                self.fs.put(str(local / name), f"{temporary}/{name}", recursive=True)
+            self._remove(final)
+            self.fs.mv(temporary, final, recursive=True)
+        except BaseException:
+            self._remove(temporary)
+            raise
+
+    def download(self, key: str, local: Path) -> None:
+        """Copy the object at `key` to a local file (FileNotFoundError if there is none)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(self.path(key), str(local))
+
     def open(self, key: str) -> BinaryIO:
         return self.fs.open(self.path(key), "rb")
 
@@ -55,4 +85,4 @@ class ArtifactStorage:
 
     def _remove(self, path: str) -> None:
         with suppress(FileNotFoundError):  # already gone: removing is idempotent
-            self.fs.rm(path)
+            self.fs.rm(path, recursive=True)

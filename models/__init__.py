@@ -2,6 +2,15 @@
 
 from afina.models.base import Base
 from afina.models.files import File
-from afina.models.jobs import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
+from afina.models.jobs import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
 
-__all__ = ["Base", "File", "Job", "JobCheckpoint", "JobEvent", "JobMetric", "JobStatus"]
+__all__ = [
+    "Base",
+    "File",
+    "Job",
+    "JobCheckpoint",
+    "JobEvent",
+    "JobMetric",
+    "JobStatus",
+    "new_event",
+]

@@ -19,6 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from afina.core.ids import new_id
 from afina.models.base import Base, CreatedAt, utcnow
 
 
@@ -117,3 +118,16 @@ class JobCheckpoint(CreatedAt, Base):
     job_id: Mapped[str] = _job_id_fk()
     step: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def new_event(
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    return JobEvent(
+        id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message, data=data
+    )

@@ -134,13 +134,7 @@ def list_files(
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     rows, has_more = paginate(db, query, File, after=after, limit=limit, order=order)
-    data = [FileObject.of(row) for row in rows]
-    return ListPage[FileObject](
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListPage[FileObject].of([FileObject.of(row) for row in rows], has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -1,0 +1,183 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve and cancel jobs, and read what their runs
+recorded (events, checkpoints, and afina's whole metric series)."""
+
+import logging
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import delete, select, update
+
+from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep
+from afina.api.errors import APIError, not_found
+from afina.api.pagination import ListPage, Order, page_params, paginate
+from afina.api.schemas.jobs import (
+    CheckpointObject,
+    EventObject,
+    JobCreate,
+    JobObject,
+    MetricPoint,
+    MetricSeries,
+)
+from afina.core import base_models
+from afina.core.ids import looks_like_id, new_id
+from afina.core.job_config import resolve_config
+from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
+from afina.models.base import utcnow
+from afina.worker.celery_app import TRAIN_TASK
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+logger = logging.getLogger(__name__)
+
+PageDep = Annotated[tuple[str | None, int, Order], Depends(page_params(20, 100))]
+CANCELLABLE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
+    """The model name to store and its context length when it can be read here (a local
+    model); refused with a 400 naming `model`."""
+    name = base_models.normalise(model)
+    try:
+        if not base_models.is_local(name) and not base_models.is_hub_id(name):
+            raise base_models.ModelRefused(
+                f"model {model!r} is neither a Hugging Face id (org/name) nor an absolute path"
+            )
+        base_models.check_allowed(name, allowed)
+        if not base_models.is_local(name):
+            return name, None
+        return name, base_models.max_length(base_models.read_local_config(name))
+    except base_models.ModelRefused as refused:
+        raise APIError(400, str(refused), param="model", code="model_not_available") from None
+
+
+def _dataset(db: DbDep, project: str, file_id: str | None, param: str) -> File | None:
+    if file_id is None:
+        return None
+    row = db.get(File, file_id) if looks_like_id(file_id, "file") else None
+    if row is None or row.project != project:
+        shown = file_id if len(file_id) <= 80 else file_id[:80] + "..."
+        raise APIError(400, f"No file with id {shown!r}", param=param, code="file_not_found")
+    return row
+
+
+@router.post("", response_model=JobObject)
+def create_job(
+    body: JobCreate, db: DbDep, project: ProjectDep, settings: SettingsDep, queue: QueueDep
+) -> JobObject:
+    model, model_limit = _model_limit(body.model, settings.allowed_models)
+    training = _dataset(db, project, body.training_file, "training_file")
+    assert training is not None
+    validation = _dataset(db, project, body.validation_file, "validation_file")
+    try:
+        config = resolve_config(
+            body, num_examples=training.num_examples, model_max_length=model_limit
+        )
+    except ValueError as error:
+        raise APIError(
+            400, str(error), param="training.max_seq_length", code="invalid_max_seq_length"
+        ) from None
+    job = Job(
+        id=new_id("ftjob"),
+        project=project,
+        status=JobStatus.QUEUED,
+        model=model,
+        training_file_id=training.id,
+        validation_file_id=validation.id if validation else None,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        user_metadata=body.metadata,
+        config=config.model_dump(mode="json"),
+    )
+    db.add(job)
+    db.flush()  # the job row first: events point at it
+    db.add(
+        new_event(
+            job.id,
+            f"Validated training file {training.id}: {training.num_examples} "
+            f"{training.format} examples",
+        )
+    )
+    db.add(new_event(job.id, "Job queued"))
+    db.commit()
+    try:
+        queue.send_task(TRAIN_TASK, args=[job.id])
+    except Exception as error:
+        logger.error("could not queue job %s: %s", job.id, error)
+        db.execute(delete(Job).where(Job.id == job.id))
+        db.commit()
+        raise APIError(
+            503,
+            "The job queue (AFINA_BROKER_URL) is not reachable; nothing was stored. Try again.",
+            code="queue_unavailable",
+        ) from None
+    logger.info("job %s queued for project %s on %s", job.id, project, model)
+    return JobObject.of(job)
+
+
+def _owned_job(db: DbDep, project: ProjectDep, job_id: str) -> Job:
+    row = db.get(Job, job_id) if looks_like_id(job_id, "ftjob") else None
+    if row is None or row.project != project:
+        raise not_found("fine-tuning job", job_id)
+    return row
+
+
+OwnedJob = Annotated[Job, Depends(_owned_job)]
+
+
+@router.get("", response_model=ListPage[JobObject])
+def list_jobs(db: DbDep, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
+    after, limit, order = page
+    query = select(Job).where(Job.project == project)
+    rows, has_more = paginate(db, query, Job, after=after, limit=limit, order=order)
+    return ListPage[JobObject].of([JobObject.of(row) for row in rows], has_more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def retrieve_job(job: OwnedJob) -> JobObject:
+    return JobObject.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job: OwnedJob, db: DbDep) -> JobObject:
+    # One conditional UPDATE decides against the worker finishing the job at the same time.
+    cancelled = db.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(CANCELLABLE))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), estimated_finish=None)
+    ).rowcount
+    if cancelled:
+        db.add(new_event(job.id, "Job cancelled"))
+    db.commit()
+    db.refresh(job)
+    if not cancelled:
+        raise APIError(
+            409,
+            f"Job {job.id} has already {job.status}: only a job that is validating files, "
+            "queued or running can be cancelled",
+            param="id",
+            code="job_not_cancellable",
+        )
+    return JobObject.of(job)
+
+
+@router.get("/{job_id}/events", response_model=ListPage[EventObject])
+def list_events(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[EventObject]:
+    after, limit, order = page
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    rows, has_more = paginate(db, query, JobEvent, after=after, limit=limit, order=order)
+    return ListPage[EventObject].of([EventObject.of(row) for row in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointObject])
+def list_checkpoints(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[CheckpointObject]:
+    after, limit, order = page
+    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)
+    rows, has_more = paginate(db, query, JobCheckpoint, after=after, limit=limit, order=order)
+    return ListPage[CheckpointObject].of([CheckpointObject.of(row) for row in rows], has_more)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricSeries)
+def job_metrics(job: OwnedJob, db: DbDep) -> MetricSeries:
+    """The whole training curve, one point per logging step, in step order."""
+    rows = db.scalars(select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step))
+    return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in rows])

@@ -1,0 +1,191 @@
+"""Fine-tuning job objects in OpenAI's shapes, with afina's `progress` and `config`."""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from afina.api.schemas.files import unix_seconds
+from afina.core.job_config import (
+    SUFFIX_PATTERN,
+    ConfigRequest,
+    JobConfig,
+    ResolvedHyperparameters,
+)
+from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
+
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class JobCreate(ConfigRequest):
+    """The body of `POST /v1/fine_tuning/jobs`: OpenAI's fields plus afina's `lora`,
+    `quantization` and `training` sections (sent by the openai client as `extra_body`)."""
+
+    model: str = Field(min_length=1, max_length=512, description="Hub id or absolute path.")
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, min_length=1, max_length=64)
+    suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
+    integrations: list[Any] | None = Field(
+        default=None, max_length=0, description="Not supported; only an empty list is taken."
+    )
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Progress(BaseModel):
+    steps_done: int
+    total_steps: int | None
+    epoch: float | None
+    estimated_finish: int | None
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: ResolvedHyperparameters
+
+
+class MethodObject(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod
+
+
+def _seconds(moment: datetime | None) -> int | None:
+    return None if moment is None else unix_seconds(moment)
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None
+    status: JobStatus
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str = Field(description="The project that owns the job.")
+    training_file: str
+    validation_file: str | None
+    hyperparameters: ResolvedHyperparameters
+    method: MethodObject
+    seed: int
+    suffix: str | None
+    user_provided_suffix: str | None
+    metadata: dict[str, str] | None
+    trained_tokens: int | None
+    error: JobError | None
+    result_files: list[str] = []
+    integrations: list[Any] | None = None
+    progress: Progress
+    config: JobConfig
+
+    @classmethod
+    def of(cls, row: Job) -> "JobObject":
+        config = JobConfig.model_validate(row.config)
+        return cls(
+            id=row.id,
+            created_at=unix_seconds(row.created_at),
+            finished_at=_seconds(row.finished_at),
+            estimated_finish=_seconds(row.estimated_finish),
+            status=row.status,
+            model=row.model,
+            fine_tuned_model=row.fine_tuned_model,
+            organization_id=row.project,
+            training_file=row.training_file_id,
+            validation_file=row.validation_file_id,
+            hyperparameters=config.hyperparameters,
+            method=MethodObject(
+                supervised=SupervisedMethod(hyperparameters=config.hyperparameters)
+            ),
+            seed=row.seed,
+            suffix=row.suffix,
+            user_provided_suffix=row.suffix,
+            metadata=row.user_metadata,
+            trained_tokens=row.trained_tokens,
+            error=JobError.model_validate(row.error) if row.error else None,
+            progress=Progress(
+                steps_done=row.steps_done,
+                total_steps=row.total_steps,
+                epoch=row.epoch,
+                estimated_finish=_seconds(row.estimated_finish),
+            ),
+            config=config,
+        )
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: JobEvent) -> "EventObject":
+        return cls(
+            id=row.id,
+            created_at=unix_seconds(row.created_at),
+            level=row.level,
+            message=row.message,
+            type=row.type,
+            data=row.data,
+        )
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, float | None]
+
+    @classmethod
+    def of(cls, row: JobCheckpoint) -> "CheckpointObject":
+        return cls(
+            id=row.id,
+            created_at=unix_seconds(row.created_at),
+            fine_tuning_job_id=row.job_id,
+            fine_tuned_model_checkpoint=f"{row.job_id}:ckpt-step-{row.step}",
+            step_number=row.step,
+            metrics=row.metrics,
+        )
+
+
+class MetricPoint(BaseModel):
+    step: int
+    epoch: float | None
+    loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    at: float = Field(description="Unix time in seconds, with fractions.")
+
+    @classmethod
+    def of(cls, row: JobMetric) -> "MetricPoint":
+        return cls(
+            step=row.step,
+            epoch=row.epoch,
+            loss=row.loss,
+            eval_loss=row.eval_loss,
+            learning_rate=row.learning_rate,
+            grad_norm=row.grad_norm,
+            tokens_per_second=row.tokens_per_second,
+            at=row.at.timestamp(),
+        )
+
+
+class MetricSeries(BaseModel):
+    object: Literal["list"] = "list"
+    job_id: str
+    data: list[MetricPoint]
+    has_more: Literal[False] = False

@@ -1,0 +1,1 @@
+"""The training side: the Celery app, its tasks, the trainer and the demo model."""

@@ -1,0 +1,72 @@
+"""The Celery app, configured from settings.
+
+Embedded default: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed; set
+`AFINA_BROKER_URL=redis://...` for production. Training tasks are long and hold a GPU, so:
+acknowledge a task only when it has finished (`acks_late`) and hand it back if the worker
+dies (`reject_on_worker_lost`), take one message at a time (prefetch 1), and run in the
+worker's own process (`--pool solo`), which never forks after CUDA is initialised.
+"""
+
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.engine import make_url
+
+from afina.core.settings import Settings, get_settings
+
+TRAIN_QUEUE = "train"
+TRAIN_TASK = "afina.train_job"
+
+
+def _ensure_sqlite_directory(broker_url: str) -> None:
+    if broker_url.startswith("sqla+sqlite:///"):
+        database = make_url(broker_url.removeprefix("sqla+")).database
+        if database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_celery(settings: Settings) -> Celery:
+    assert settings.broker_url is not None
+    _ensure_sqlite_directory(settings.broker_url)
+    app = Celery("afina", broker=settings.broker_url, include=["afina.worker.tasks"])
+    app.conf.update(
+        task_default_queue=TRAIN_QUEUE,
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # A request that queues a job waits a few seconds at most for a broker that is down.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+    )
+    return app
+
+
+def run_worker() -> None:
+    """Run one training worker in this process until it is told to stop: one task at a
+    time, in the worker's own process."""
+    settings = get_settings()
+    create_celery(settings).worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--queues={TRAIN_QUEUE}",
+            f"--loglevel={settings.log_level.upper()}",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname=afina-train@%h",
+        ]
+    )

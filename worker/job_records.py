@@ -1,0 +1,123 @@
+"""What a running job writes to the database: events, metric points, progress, checkpoints,
+and the heartbeat; and whether the job should stop (cancelled, or the worker shutting down).
+"""
+
+import logging
+import threading
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from afina.core.ids import new_id
+from afina.core.storage import ArtifactStorage, checkpoint_key
+from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
+from afina.models.base import utcnow
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+# Set when the worker is asked to shut down: the run stops at its next step.
+shutdown_requested = threading.Event()
+
+
+class JobRecorder:
+    """The `Reporter` of one job's run, writing to its rows."""
+
+    def __init__(
+        self, session_factory: sessionmaker[Session], storage: ArtifactStorage, job_id: str
+    ) -> None:
+        self.session_factory = session_factory
+        self.storage = storage
+        self.job_id = job_id
+
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ) -> None:
+        with self.session_factory.begin() as session:
+            session.add(new_event(self.job_id, message, level=level, data=data))
+
+    def metric(self, step: int, values: dict[str, float | None]) -> None:
+        with self.session_factory.begin() as session:
+            session.merge(JobMetric(job_id=self.job_id, step=step, at=utcnow(), **values))
+
+    def progress(
+        self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
+    ) -> None:
+        with self.session_factory.begin() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(
+                    steps_done=steps_done,
+                    total_steps=total_steps,
+                    epoch=epoch,
+                    estimated_finish=estimated_finish,
+                )
+            )
+
+    def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
+        """Keep the adapter of a trainer checkpoint (not its optimizer state) in storage."""
+        self.storage.put_directory(
+            Path(directory), checkpoint_key(self.job_id, step), names=ADAPTER_FILES
+        )
+        with self.session_factory.begin() as session:
+            session.execute(
+                delete(JobCheckpoint).where(
+                    JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == step
+                )
+            )
+            session.add(
+                JobCheckpoint(id=new_id("ftckpt"), job_id=self.job_id, step=step, metrics=metrics)
+            )
+            session.add(
+                new_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
+            )
+
+    def status(self) -> JobStatus | None:
+        with self.session_factory() as session:
+            return session.scalar(select(Job.status).where(Job.id == self.job_id))
+
+    def should_stop(self) -> bool:
+        return shutdown_requested.is_set() or self.status() != JobStatus.RUNNING
+
+
+class Heartbeat:
+    """A thread that stamps the job's `heartbeat_at` every few seconds while it runs, so
+    that a job whose worker died can be told from one that is busy."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: str) -> None:
+        self.session_factory = session_factory
+        self.job_id = job_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                with self.session_factory.begin() as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:
+                logger.exception("heartbeat of %s failed; trying again", self.job_id)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stopped.set()
+        self.thread.join()

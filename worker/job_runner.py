@@ -1,0 +1,190 @@
+"""One training job from the worker's side: claim it, train, and record how it ended.
+
+Every state change is a conditional UPDATE, so the database settles races: a job cancelled
+while it trains stays cancelled, and a message delivered twice starts a job only once. Any
+failure ends the job `failed` with an error a user can act on; none leaves it `running`.
+"""
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import func, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from afina.core.job_config import JobConfig
+from afina.core.settings import Settings
+from afina.core.storage import ArtifactStorage, adapter_key, file_key
+from afina.models import Job, JobStatus, new_event
+from afina.models.base import utcnow
+from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
+from afina.worker.training.errors import TrainingFailure
+from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    storage: ArtifactStorage
+    requeue: Callable[[str], None]
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    short_id = job.id.removeprefix("ftjob-")[:8]
+    return f"ft:{job.model}:{job.project}:{job.suffix or ''}:{short_id}"
+
+
+def _transition(
+    context: WorkerContext, job_id: str, source: JobStatus, event: str, **values: Any
+) -> bool:
+    """Move the job from `source` to new values, with an event, if it is still in `source`."""
+    level = "error" if values.get("status") == JobStatus.FAILED else "info"
+    with context.session_factory.begin() as session:
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == source).values(**values)
+        ).rowcount
+        if changed:
+            session.add(new_event(job_id, event, level=level, data=values.get("error")))
+    return bool(changed)
+
+
+def _claim(context: WorkerContext, job_id: str, task_id: str | None) -> Job | None:
+    now = utcnow()
+    with context.session_factory.begin() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                task_id=task_id,
+                heartbeat_at=now,
+                started_at=func.coalesce(Job.started_at, now),
+            )
+        ).rowcount
+        if not claimed:
+            return None
+        job = session.get_one(Job, job_id)
+        session.add(new_event(job_id, f"Job started (attempt {job.attempts})"))
+        return job
+
+
+def _fetch_files(context: WorkerContext, job: Job, workdir: Path) -> tuple[Path, Path | None]:
+    paths: list[Path | None] = []
+    for param, file_id in (
+        ("training_file", job.training_file_id),
+        ("validation_file", job.validation_file_id),
+    ):
+        if file_id is None:
+            paths.append(None)
+            continue
+        local = workdir / "files" / f"{file_id}.jsonl"
+        try:
+            context.storage.download(file_key(file_id), local)
+        except FileNotFoundError:
+            raise TrainingFailure(
+                "file_not_found", f"{param} {file_id!r} was deleted before training", param
+            ) from None
+        paths.append(local)
+    assert paths[0] is not None
+    return paths[0], paths[1]
+
+
+def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
+    workdir = context.settings.data_dir / "work" / job.id
+    training_file, validation_file = _fetch_files(context, job, workdir)
+    run = TrainingRun(
+        model=job.model,
+        config=JobConfig.model_validate(job.config),
+        seed=job.seed,
+        training_file=training_file,
+        validation_file=validation_file,
+        workdir=workdir,
+        max_line_bytes=context.settings.max_line_bytes,
+        trust_remote_code=context.settings.trust_remote_code,
+    )
+    return train(run, recorder)
+
+
+def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> None:
+    if outcome.adapter_dir is None:
+        if shutdown_requested.is_set() and _transition(
+            context,
+            job.id,
+            JobStatus.RUNNING,
+            f"Worker shut down at step {outcome.steps}: the job is queued again",
+            status=JobStatus.QUEUED,
+        ):
+            context.requeue(job.id)
+        else:
+            JobRecorder(context.session_factory, context.storage, job.id).event(
+                f"Training stopped at step {outcome.steps}: the job was cancelled"
+            )
+        return
+    context.storage.put_directory(outcome.adapter_dir, adapter_key(job.id))
+    name = fine_tuned_model_name(job)
+    _transition(
+        context,
+        job.id,
+        JobStatus.RUNNING,
+        f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
+        f"the adapter is served as {name}",
+        status=JobStatus.SUCCEEDED,
+        fine_tuned_model=name,
+        trained_tokens=outcome.trained_tokens,
+        config=outcome.config.model_dump(mode="json"),
+        finished_at=utcnow(),
+        estimated_finish=None,
+    )
+
+
+def _fail(context: WorkerContext, job_id: str, failure: TrainingFailure) -> None:
+    _transition(
+        context,
+        job_id,
+        JobStatus.RUNNING,
+        f"Job failed: {failure.message}",
+        status=JobStatus.FAILED,
+        error=failure.as_error(),
+        finished_at=utcnow(),
+        estimated_finish=None,
+    )
+
+
+def _as_failure(error: BaseException) -> TrainingFailure:
+    if isinstance(error, TrainingFailure):
+        return error
+    if isinstance(error, torch.OutOfMemoryError):
+        return TrainingFailure(
+            "out_of_memory",
+            "the GPU ran out of memory: lower batch_size or training.max_seq_length, or turn "
+            "on training.gradient_checkpointing",
+            "method.supervised.hyperparameters.batch_size",
+        )
+    return TrainingFailure("training_error", f"training stopped with an error: {error}")
+
+
+def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) -> None:
+    job = _claim(context, job_id, task_id)
+    if job is None:
+        logger.info("job %s is not queued (cancelled, or already taken): skipped", job_id)
+        return
+    recorder = JobRecorder(context.session_factory, context.storage, job.id)
+    outcome = None
+    with Heartbeat(context.session_factory, job.id):
+        try:
+            outcome = _train(context, job, recorder)
+            _finish(context, job, outcome)
+        except Exception as error:
+            logger.exception("job %s failed", job.id)
+            _fail(context, job.id, _as_failure(error))
+    requeued = outcome is not None and outcome.adapter_dir is None and shutdown_requested.is_set()
+    if not requeued:
+        shutil.rmtree(context.settings.data_dir / "work" / job.id, ignore_errors=True)

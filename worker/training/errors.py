@@ -1,0 +1,16 @@
+"""The error a failed job shows: `{code, message, param}` that a user can act on."""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class TrainingFailure(Exception):
+    code: str
+    message: str
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def as_error(self) -> dict[str, str | None]:
+        return asdict(self)

@@ -1,0 +1,124 @@
+"""The trainer callback that reports a run as it goes: a metric point per logging step
+(loss, eval_loss, learning rate, grad norm, tokens/s), progress and ETA per step, events at
+milestones, each checkpoint, and a stop at the next step once the job is cancelled."""
+
+import math
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+class Reporter(Protocol):
+    """Where a run's progress goes (the job's rows in the database)."""
+
+    def event(self, message: str, *, data: dict[str, Any] | None = None) -> None: ...
+
+    def metric(self, step: int, values: dict[str, float | None]) -> None: ...
+
+    def progress(
+        self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
+    ) -> None: ...
+
+    def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+class ProgressCallback(TrainerCallback):
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.started = 0.0
+        self.first_step = 0
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self.tokens_at_last_log = 0
+        self.time_at_last_log = 0.0
+        self.stopped_early = False
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.started = self.time_at_last_log = time.monotonic()
+        self.first_step = state.global_step
+        self.tokens_at_last_log = state.num_input_tokens_seen
+        self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, None)
+        self.reporter.event(
+            f"Training started: {state.max_steps} steps over {args.num_train_epochs:g} "
+            f"epoch(s), logging every {state.logging_steps} step(s)",
+            data={"total_steps": state.max_steps},
+        )
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        logs = logs or {}
+        step = state.global_step
+        if "loss" in logs:
+            now = time.monotonic()
+            tokens = state.num_input_tokens_seen - self.tokens_at_last_log
+            elapsed = now - self.time_at_last_log
+            self.tokens_at_last_log, self.time_at_last_log = state.num_input_tokens_seen, now
+            self.last_loss = _finite(logs["loss"])
+            self.reporter.metric(
+                step,
+                {
+                    "epoch": _finite(logs.get("epoch", state.epoch)),
+                    "loss": self.last_loss,
+                    "learning_rate": _finite(logs.get("learning_rate")),
+                    "grad_norm": _finite(logs.get("grad_norm")),
+                    "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                },
+            )
+        if "eval_loss" in logs:
+            self.last_eval_loss = _finite(logs["eval_loss"])
+            self.reporter.metric(step, {"eval_loss": self.last_eval_loss})
+            self.reporter.event(
+                f"Step {step}: eval_loss {logs['eval_loss']:.4f}",
+                data={"step": step, "eval_loss": self.last_eval_loss},
+            )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        done = state.global_step - self.first_step
+        remaining = state.max_steps - state.global_step
+        finish = None
+        if done > 0:
+            per_step = (time.monotonic() - self.started) / done
+            finish = datetime.now(UTC) + timedelta(seconds=per_step * remaining)
+        self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, finish)
+        if self.reporter.should_stop():
+            self.stopped_early = True
+            control.should_training_stop = True
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if self.stopped_early:
+            return
+        self.reporter.event(
+            f"Epoch {round(state.epoch or 0)} of {args.num_train_epochs:g} done "
+            f"at step {state.global_step}",
+            data={"step": state.global_step, "epoch": state.epoch},
+        )
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        step = state.global_step
+        self.reporter.checkpoint(
+            step,
+            f"{args.output_dir}/checkpoint-{step}",
+            {"step": step, "train_loss": self.last_loss, "valid_loss": self.last_eval_loss},
+        )

@@ -1,0 +1,200 @@
+"""One QLoRA supervised fine-tuning run with trl's SFTTrainer, from dataset files to a saved
+peft adapter. Knows nothing of Celery or the database: progress goes to a `Reporter`."""
+
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoConfig
+from trl import SFTConfig, SFTTrainer
+
+from afina.core.base_models import max_length
+from afina.core.datasets import read_examples
+from afina.core.job_config import JobConfig, fit_to_model
+from afina.worker.training.errors import TrainingFailure
+from afina.worker.training.model import compute_dtype, load_model, load_tokenizer
+from afina.worker.training.progress import ProgressCallback, Reporter
+from afina.worker.training.records import RecordError, RecordStats, to_records
+
+logger = logging.getLogger(__name__)
+
+# Ratios of the run, in the Trainer's "float below 1" form: ~50 metric points, ~10
+# evaluations and a checkpoint every quarter unless the request sets eval/save steps.
+LOGGING_RATIO = 0.02
+EVAL_RATIO = 0.1
+SAVE_RATIO = 0.25
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    model: str
+    config: JobConfig
+    seed: int
+    training_file: Path
+    validation_file: Path | None
+    workdir: Path
+    max_line_bytes: int
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    config: JobConfig
+    adapter_dir: Path | None  # None: stopped early (cancelled)
+    steps: int
+    trained_tokens: int
+
+
+def _resolve_length(run: TrainingRun) -> JobConfig:
+    try:
+        model_config = AutoConfig.from_pretrained(
+            run.model, trust_remote_code=run.trust_remote_code
+        ).to_dict()
+    except Exception as error:
+        raise TrainingFailure(
+            "model_load_failed", f"cannot load model {run.model!r}: {error}", "model"
+        ) from error
+    limit = max_length(model_config)
+    if limit is None:
+        return fit_to_model(run.config, run.config.training.max_seq_length or 2048)
+    try:
+        return fit_to_model(run.config, limit)
+    except ValueError as error:
+        raise TrainingFailure(
+            "invalid_max_seq_length", str(error), "training.max_seq_length"
+        ) from error
+
+
+def _dataset(
+    path: Path, tokenizer: Any, config: JobConfig, run: TrainingRun, name: str
+) -> tuple[Dataset, RecordStats]:
+    stats = RecordStats()
+    max_seq_length = config.training.max_seq_length
+    assert max_seq_length is not None
+
+    def records() -> Iterator[dict[str, list[int]]]:
+        with path.open("rb") as stream:
+            yield from to_records(
+                read_examples(stream, max_line_bytes=run.max_line_bytes),
+                tokenizer,
+                loss_on=config.training.loss_on,
+                max_length=max_seq_length,
+                stats=stats,
+            )
+
+    cache = run.workdir / "datasets" / name
+    shutil.rmtree(cache, ignore_errors=True)  # a fresh build, so `stats` counts every example
+    param = "training_file" if name == "train" else "validation_file"
+    try:
+        dataset = Dataset.from_generator(records, cache_dir=str(cache))
+    except RecordError as error:
+        raise TrainingFailure("invalid_training_example", str(error), param) from error
+    except Exception as error:
+        # datasets wraps what the generator raised; a bad line or template is the user's.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, RecordError | ValueError):
+            raise TrainingFailure("invalid_training_example", str(cause), param) from error
+        raise
+    if len(dataset) == 0:
+        raise TrainingFailure(
+            "no_trainable_examples",
+            f"none of the {stats.examples} examples has a token to learn from within "
+            f"max_seq_length={max_seq_length}",
+            param,
+        )
+    return dataset, stats
+
+
+def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfig:
+    training, hyper = config.training, config.hyperparameters
+    cuda = torch.cuda.is_available()
+    dtype = compute_dtype(config.quantization.compute_dtype)
+    return SFTConfig(
+        output_dir=str(run.workdir / "trainer"),
+        num_train_epochs=hyper.n_epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=hyper.batch_size,
+        per_device_eval_batch_size=hyper.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim="paged_adamw_32bit" if cuda else "adamw_torch",
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=training.max_seq_length,
+        packing=training.packing,
+        logging_strategy="steps",
+        logging_steps=LOGGING_RATIO,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=training.eval_steps or EVAL_RATIO,
+        save_strategy="steps",
+        save_steps=training.save_steps or SAVE_RATIO,
+        save_total_limit=1,
+        include_num_input_tokens_seen="non_padding",
+        seed=run.seed,
+        data_seed=run.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
+    config = _resolve_length(run)
+    tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
+    train_set, stats = _dataset(run.training_file, tokenizer, config, run, "train")
+    eval_set = None
+    if run.validation_file is not None:
+        eval_set, _ = _dataset(run.validation_file, tokenizer, config, run, "eval")
+    reporter.event(
+        f"Tokenized {stats.examples} training examples: {stats.tokens} tokens, "
+        f"{stats.truncated} cut to {config.training.max_seq_length} tokens, "
+        f"{stats.dropped} dropped with nothing left to learn",
+        data={
+            "examples": stats.examples,
+            "tokens": stats.tokens,
+            "truncated": stats.truncated,
+            "dropped": stats.dropped,
+        },
+    )
+    model = load_model(
+        run.model,
+        quantization=config.quantization,
+        lora=config.lora,
+        gradient_checkpointing=config.training.gradient_checkpointing,
+        trust_remote_code=run.trust_remote_code,
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    reporter.event(
+        f"Loaded {run.model}: {trainable:,} trainable LoRA parameters of {total:,}",
+        data={"trainable_parameters": trainable, "parameters": total},
+    )
+    callback = ProgressCallback(reporter)
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(run, config, evaluate=eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    state = trainer.state
+    if callback.stopped_early:
+        return TrainingOutcome(config, None, state.global_step, state.num_input_tokens_seen)
+    adapter_dir = run.workdir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return TrainingOutcome(config, adapter_dir, state.global_step, state.num_input_tokens_seen)
