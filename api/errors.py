@@ -57,8 +57,9 @@ async def _api_error(_request: Request, error: APIError) -> JSONResponse:
 
 
 def _field(location: tuple[int | str, ...]) -> str:
-    # FastAPI prefixes where the value came from: body, query, path, header, cookie.
-    return field_path(location[1:] if len(location) > 1 else location)
+    # FastAPI prefixes where the value came from: body, query, path, header, cookie. An
+    # error about the whole body names no field.
+    return field_path(location[1:])
 
 
 async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:

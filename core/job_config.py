@@ -7,9 +7,18 @@ turns a request into the `JobConfig` stored on the job: every "auto" and every d
 replaced by the value the run will use, so the job object shows exactly what trains.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+    model_validator,
+)
 
 # QLoRA recipe defaults (Dettmers et al. 2023, and the peft/trl examples that follow it).
 BASE_LEARNING_RATE = 2e-4
@@ -18,7 +27,46 @@ DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_SEQ_LENGTH = 2048
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
-Auto = Literal["auto"]
+
+
+def _or_keyword(keyword: str) -> tuple[WrapValidator, PlainSerializer]:
+    """Let `keyword` through and validate anything else as the annotated type. Unlike a
+    Union, an error then names the field alone, not the union member that failed."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return value if value == keyword else handler(value)
+
+    return WrapValidator(validate), PlainSerializer(lambda value: value)
+
+
+def _auto_or(kind: type, json_type: str, **limits: float) -> Any:
+    bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
+    schema = {"type": json_type, **{bounds[name]: value for name, value in limits.items()}}
+    return Annotated[
+        kind,
+        Field(**limits),
+        *_or_keyword("auto"),
+        WithJsonSchema({"anyOf": [{"const": "auto"}, schema]}),
+    ]
+
+
+AutoEpochs = _auto_or(int, "integer", ge=1, le=100)
+AutoBatchSize = _auto_or(int, "integer", ge=1, le=1024)
+AutoMultiplier = _auto_or(float, "number", gt=0, le=100)
+ModuleName = Annotated[str, Field(pattern=r"^[\w.]{1,128}$")]
+TargetModules = Annotated[
+    list[ModuleName],
+    Field(min_length=1),
+    *_or_keyword("all-linear"),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"const": "all-linear"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ]
+        }
+    ),
+]
 LrScheduler = Literal[
     "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -31,9 +79,9 @@ class _Strict(BaseModel):
 class Hyperparameters(_Strict):
     """OpenAI's hyperparameters; "auto" lets afina pick from the dataset size."""
 
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: AutoEpochs = "auto"
+    batch_size: AutoBatchSize = "auto"
+    learning_rate_multiplier: AutoMultiplier = "auto"
 
 
 class Supervised(_Strict):
@@ -49,10 +97,7 @@ class LoraSettings(_Strict):
     r: Annotated[int, Field(ge=1, le=1024)] = 16
     alpha: Annotated[float, Field(gt=0, le=100_000)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: (
-        Literal["all-linear"]
-        | Annotated[list[Annotated[str, Field(pattern=r"^[\w.]{1,128}$")]], Field(min_length=1)]
-    ) = "all-linear"
+    target_modules: TargetModules = "all-linear"
 
 
 class QuantizationSettings(_Strict):

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 
 from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
 from afina.models import File
-from afina.models.session import make_engine, make_session_factory
+from tests.support import assert_error, rows, upload
 
 CHAT = b"".join(
     json.dumps(
@@ -23,36 +22,9 @@ CHAT = b"".join(
 )
 
 
-def upload(client: TestClient, content: bytes, name: str = "train.jsonl", **form: str):
-    return client.post(
-        "/v1/files",
-        data={"purpose": "fine-tune", **form},
-        files={"file": (name, content, "application/jsonl")},
-    )
-
-
-def rows(settings) -> list[File]:
-    engine = make_engine(settings.database_url)
-    with make_session_factory(engine)() as session:
-        found = list(session.scalars(select(File)))
-    engine.dispose()
-    return found
-
-
 def stored_files(settings) -> list[Path]:
     root = Path(settings.storage_url)
     return sorted(p for p in root.rglob("*") if p.is_file() and ".probe" not in p.parts)
-
-
-def assert_error(response, status: int, param: str | None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "param", "code"}
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    assert error["message"]
-    return error
 
 
 @pytest.mark.parametrize(
@@ -87,7 +59,7 @@ def test_upload_stores_row_and_content(client, settings, line, expected_format):
     assert body["validation"]["format"] == expected_format
     assert body["validation"]["num_examples"] == 2
     assert body["validation"]["estimated_tokens"] > 0
-    (row,) = rows(settings)
+    (row,) = rows(settings, File)
     assert (row.id, row.format, row.num_examples, row.project) == (
         body["id"],
         expected_format,
@@ -115,7 +87,7 @@ def test_retrieve_download_list_delete(client, settings):
 
     deleted = client.delete(f"/v1/files/{file_id}")
     assert deleted.json() == {"id": file_id, "object": "file", "deleted": True}
-    assert rows(settings) == []
+    assert rows(settings, File) == []
     assert stored_files(settings) == []
     for method, path in [
         ("GET", f"/v1/files/{file_id}"),
@@ -158,7 +130,7 @@ def test_invalid_dataset_is_refused_with_line_numbers_and_leaves_nothing(client,
     assert [e["line"] for e in error["errors"]] == [4, 5, 6]
     assert "line 4: invalid JSON" in error["message"]
     assert "line 5: mixed formats" in error["message"]
-    assert rows(settings) == []
+    assert rows(settings, File) == []
     assert stored_files(settings) == []
 
 
@@ -176,7 +148,7 @@ def test_invalid_dataset_is_refused_with_line_numbers_and_leaves_nothing(client,
 def test_each_kind_of_bad_file_gets_a_message(client, settings, content, message):
     error = assert_error(upload(client, content), 400, "file", "invalid_file_format")
     assert message in error["message"]
-    assert rows(settings) == []
+    assert rows(settings, File) == []
 
 
 def test_upload_over_the_size_limit_is_413_and_leaves_nothing(make_settings):
@@ -185,7 +157,7 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(make_settings):
         error = assert_error(upload(client, CHAT), 413, "file", "file_too_large")
         assert str(len(CHAT) - 1) in error["message"]
         assert upload(client, CHAT[: len(CHAT) // 3]).status_code == 200
-    assert len(rows(settings)) == 1
+    assert len(rows(settings, File)) == 1
 
 
 MULTIPART_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
@@ -237,7 +209,7 @@ def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
     with TestClient(app) as client:
         declared = {"content-type": "multipart/form-data; boundary=b", "content-length": "50000000"}
         assert_error(client.post("/v1/files", content=b"x", headers=declared), 413, "file")
-    assert rows(settings) == []
+    assert rows(settings, File) == []
 
 
 def test_form_errors_name_the_field(client, settings):
@@ -247,7 +219,7 @@ def test_form_errors_name_the_field(client, settings):
     assert_error(missing_purpose, 400, "purpose")
     not_multipart = client.post("/v1/files", json={"purpose": "fine-tune", "file": "x"})
     assert not_multipart.status_code == 400
-    assert rows(settings) == []
+    assert rows(settings, File) == []
 
 
 def test_client_file_name_is_metadata_never_a_path(client, settings, tmp_path):
@@ -310,7 +282,7 @@ def test_api_keys_gate_every_route_but_health_and_separate_projects(make_setting
             ("DELETE", f"/v1/files/{file_id}"),
         ]:
             assert_error(client.request(method, path, headers=other), 404, "id")
-    (row,) = rows(settings)
+    (row,) = rows(settings, File)
     assert row.project == "alpha"
 
     # Without a key an upload is refused before its body is read.
@@ -322,7 +294,7 @@ def test_files_count_matches_uploads_under_concurrency(client, settings):
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(lambda _: upload(client, CHAT).status_code, range(8)))
     assert statuses == [200] * 8
-    assert len(rows(settings)) == 8
+    assert len(rows(settings, File)) == 8
     assert len(stored_files(settings)) == 8
 
 
@@ -333,7 +305,7 @@ def test_concurrent_deletes_of_one_file_succeed_once(client, settings):
             pool.map(lambda _: client.delete(f"/v1/files/{file_id}").status_code, range(6))
         )
     assert statuses == [200] + [404] * 5
-    assert rows(settings) == []
+    assert rows(settings, File) == []
     assert stored_files(settings) == []
 
 
@@ -367,4 +339,4 @@ def test_control_characters_are_dropped_from_the_file_name(client):
 def test_expires_after_is_refused_not_ignored(client, settings):
     response = upload(client, CHAT, **{"expires_after[anchor]": "created_at"})
     assert_error(response, 400, "expires_after", "unsupported_parameter")
-    assert rows(settings) == []
+    assert rows(settings, File) == []

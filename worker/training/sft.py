@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoConfig
+from transformers import AutoConfig, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from afina.core.base_models import max_length
@@ -152,6 +152,7 @@ def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfi
 
 
 def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
+    set_seed(run.seed)  # before LoRA's random init, not only before the training loop
     config = _resolve_length(run)
     tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
     train_set, stats = _dataset(run.training_file, tokenizer, config, run, "train")

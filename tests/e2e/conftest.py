@@ -1,0 +1,97 @@
+"""A real training stack for the end-to-end tests: the tiny demo model, and a Celery worker
+process beside the app, on each backend. Embedded: SQLite and kombu's SQLAlchemy broker on
+it. Production: the real PostgreSQL and Redis servers."""
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+from afina.api.app import create_app
+from afina.core.settings import Settings
+from afina.worker.demo_model import build_demo_model
+
+REDIS_URL = os.environ.get("AFINA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+def _broker_url(database_url: str, data_dir: Path) -> str:
+    if make_url(database_url).get_backend_name() == "sqlite":
+        return f"sqla+sqlite:///{data_dir / 'broker.db'}"
+    url = f"{REDIS_URL}/{secrets.randbelow(15) + 1}"
+    connection = redis.Redis.from_url(url)
+    connection.flushdb()  # a database of its own, emptied: no message of an earlier run
+    connection.close()
+    return url
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings shared by the app under test and a worker process started on them."""
+    data_dir = tmp_path_factory.mktemp("stack")
+    settings = Settings(
+        _env_file=None,
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=_broker_url(database_url, data_dir),
+        api_keys=[],
+    )
+    env = {
+        **os.environ,
+        "AFINA_DATA_DIR": str(settings.data_dir),
+        "AFINA_DATABASE_URL": database_url,
+        "AFINA_BROKER_URL": settings.broker_url or "",
+        "AFINA_API_KEYS": "",
+    }
+    log = (data_dir / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "afina.worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        yield settings
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+
+@pytest.fixture
+def api(stack: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(stack)) as client:
+        yield client
+
+
+def worker_log(settings: Settings) -> str:
+    return (settings.data_dir / "worker.log").read_text(errors="replace")[-4000:]
+
+
+def wait_for_job(
+    client: TestClient, settings: Settings, job_id: str, until: tuple[str, ...] = FINAL, timeout=120
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"job {job_id} is {job['status']} after {timeout} s:\n{worker_log(settings)}"
+            )
+        time.sleep(0.2)

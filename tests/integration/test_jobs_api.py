@@ -1,0 +1,277 @@
+"""/v1/fine_tuning/jobs through HTTP, with no worker running: what create accepts and
+refuses, what it stores, listing, cancelling, and the empty series of a queued job."""
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from afina.api.app import create_app
+from afina.models import Job, JobEvent, JobStatus
+from tests.support import assert_error, jsonl, rows, upload
+
+CHAT = jsonl(
+    *(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(10)
+    )
+)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A local model as far as the API can tell: a directory with a config.json."""
+    directory = tmp_path / "models" / "tiny"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    return directory
+
+
+@pytest.fixture
+def training_file(client: TestClient) -> str:
+    response = upload(client, CHAT)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def body(model_dir: Path, training_file: str) -> dict:
+    return {"model": str(model_dir), "training_file": training_file}
+
+
+def create(client: TestClient, body: dict):
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def test_create_queues_the_job_with_the_resolved_config(client, body, settings):
+    body |= {
+        "suffix": "my-model_1",
+        "seed": 7,
+        "metadata": {"team": "search"},
+        "method": {
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 2, "learning_rate_multiplier": 0.5}},
+        },
+        "lora": {"r": 8},
+        "training": {"packing": True},
+    }
+    response = create(client, body)
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["id"].startswith("ftjob-")
+    assert job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued"
+    assert job["model"] == body["model"]
+    assert job["training_file"] == body["training_file"]
+    assert job["fine_tuned_model"] is None
+    assert job["seed"] == 7
+    assert job["suffix"] == job["user_provided_suffix"] == "my-model_1"
+    assert job["metadata"] == {"team": "search"}
+    assert job["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": 4,  # auto: min(4, examples)
+        "learning_rate_multiplier": 0.5,
+    }
+    assert job["method"]["supervised"]["hyperparameters"] == job["hyperparameters"]
+    config = job["config"]
+    assert config["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    assert config["quantization"]["bits"] == 4
+    assert config["training"]["learning_rate"] == pytest.approx(1e-4)
+    assert config["training"]["max_seq_length"] == 512  # the model's limit, under 2048
+    assert config["training"]["packing"] is True
+    assert job["progress"] == {
+        "steps_done": 0,
+        "total_steps": None,
+        "epoch": None,
+        "estimated_finish": None,
+    }
+    (row,) = rows(settings, Job)
+    assert (row.id, row.status, row.project) == (job["id"], JobStatus.QUEUED, "default")
+    messages = [event.message for event in rows(settings, JobEvent)]
+    assert "Job queued" in messages
+
+
+def test_legacy_hyperparameters_and_a_random_seed(client, body):
+    body["hyperparameters"] = {"n_epochs": 5, "batch_size": 2}
+    job = create(client, body).json()
+    assert job["hyperparameters"]["n_epochs"] == 5
+    assert job["hyperparameters"]["batch_size"] == 2
+    assert 0 <= job["seed"] < 2**31
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"surprise": 1}, "surprise"),
+        ({"lora": {"rank": 8}}, "lora.rank"),
+        ({"training": {"warmup_ratio": 1}}, "training.warmup_ratio"),
+        ({"training": {"learning_rate": 0}}, "training.learning_rate"),
+        ({"training": {"max_steps": "ten"}}, "training.max_steps"),
+        ({"quantization": {"bits": 3}}, "quantization.bits"),
+        ({"lora": {"dropout": 1}}, "lora.dropout"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"suffix": "has space"}, "suffix"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"seed": -1}, "seed"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+        (
+            {"method": {"supervised": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
+        ({"model": ""}, "model"),
+        ({"training_file": None}, "training_file"),
+    ],
+    ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else value,
+)
+def test_bad_body_is_refused_naming_the_field(client, body, settings, change, param):
+    assert_error(create(client, body | change), 400, param)
+    assert rows(settings, Job) == []
+
+
+def test_a_missing_required_field_is_named(client, body):
+    del body["training_file"]
+    error = assert_error(create(client, body), 400, "training_file")
+    assert "required" in error["message"]
+
+
+def test_hyperparameters_in_two_places_are_refused(client, body, settings):
+    body |= {"method": {"type": "supervised"}, "hyperparameters": {"n_epochs": 2}}
+    error = assert_error(create(client, body), 400, None)
+    assert "not both" in error["message"]
+    assert rows(settings, Job) == []
+
+
+def test_max_seq_length_over_the_model_limit_is_refused(client, body, settings):
+    body["training"] = {"max_seq_length": 513}
+    error = assert_error(create(client, body), 400, "training.max_seq_length")
+    assert "512" in error["message"]
+    assert rows(settings, Job) == []
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("relative/../../etc", "neither a Hugging Face id"),
+        ("./models/tiny", "neither a Hugging Face id"),
+        ("/nonexistent/model", "does not exist"),
+    ],
+)
+def test_unusable_models_are_refused(client, body, settings, model, message):
+    body["model"] = model
+    error = assert_error(create(client, body), 400, "model", "model_not_available")
+    assert message in error["message"]
+    assert rows(settings, Job) == []
+
+
+def test_a_directory_without_a_model_is_refused(client, body, model_dir):
+    (model_dir / "config.json").unlink()
+    error = assert_error(create(client, body), 400, "model")
+    assert "config.json" in error["message"]
+
+
+def test_the_allow_list_is_enforced_on_normalised_paths(make_settings, model_dir, tmp_path):
+    allowed = str(tmp_path / "models" / "*")
+    with TestClient(create_app(make_settings(allowed_models=[allowed]))) as client:
+        file_id = upload(client, CHAT).json()["id"]
+        escape = f"{model_dir}/../../../etc"
+        for model in ("meta-llama/Llama-3.1-8B", escape, "/etc"):
+            response = create(client, {"model": model, "training_file": file_id})
+            error = assert_error(response, 400, "model", "model_not_available")
+            assert "not allowed" in error["message"]
+        assert create(client, {"model": str(model_dir), "training_file": file_id}).is_success
+
+
+def test_a_hub_id_defers_max_seq_length_to_the_worker(client, body):
+    body["model"] = "meta-llama/Llama-3.1-8B"
+    job = create(client, body).json()
+    assert job["status"] == "queued"
+    assert job["config"]["training"]["max_seq_length"] is None
+
+
+@pytest.mark.parametrize("field", ["training_file", "validation_file"])
+def test_files_must_exist_and_belong_to_the_caller(make_settings, model_dir, field):
+    app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
+    with TestClient(app) as client:
+        theirs = upload(client, CHAT, headers={"Authorization": "Bearer key-b"}).json()["id"]
+        mine = upload(client, CHAT, headers={"Authorization": "Bearer key-a"}).json()["id"]
+        for file_id in (theirs, "file-doesnotexist", "not-an-id"):
+            body = {"model": str(model_dir), "training_file": mine, field: file_id}
+            response = client.post(
+                "/v1/fine_tuning/jobs", json=body, headers={"Authorization": "Bearer key-a"}
+            )
+            assert_error(response, 400, field, "file_not_found")
+
+
+def test_an_unreachable_queue_stores_no_job(make_settings, model_dir):
+    settings = make_settings(broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client:
+        file_id = upload(client, CHAT).json()["id"]
+        response = create(client, {"model": str(model_dir), "training_file": file_id})
+    assert_error(response, 503, None, "queue_unavailable")
+    assert rows(settings, Job) == []
+    assert rows(settings, JobEvent) == []
+
+
+def test_list_pages_newest_first(client, body):
+    ids = [create(client, body).json()["id"] for _ in range(3)]
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [job["id"] for job in page["data"]] == ids[::-1][:2]
+    assert page["has_more"] is True
+    rest = client.get("/v1/fine_tuning/jobs", params={"after": page["last_id"]}).json()
+    assert [job["id"] for job in rest["data"]] == [ids[0]]
+    assert rest["has_more"] is False
+
+
+def test_cancel_a_queued_job(client, body, settings):
+    job = create(client, body).json()
+    response = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert response.status_code == 200, response.text
+    cancelled = response.json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["finished_at"] is not None
+    (row,) = rows(settings, Job)
+    assert row.status == JobStatus.CANCELLED
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert_error(again, 409, "id", "job_not_cancellable")
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["data"][0]["message"] == "Job cancelled"  # newest first
+    assert events["data"][0]["object"] == "fine_tuning.job.event"
+
+
+def test_a_queued_job_has_events_but_no_checkpoints_or_metrics(client, body):
+    job_id = create(client, body).json()["id"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
+    assert events["data"][0]["message"] == "Job queued"
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+    assert (checkpoints["data"], checkpoints["has_more"]) == ([], False)
+    metrics = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()
+    assert metrics == {"object": "list", "job_id": job_id, "data": [], "has_more": False}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["", "/cancel", "/events", "/checkpoints", "/metrics"],
+)
+def test_another_projects_job_is_not_found(make_settings, model_dir, path):
+    app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
+    with TestClient(app) as client:
+        a = {"Authorization": "Bearer key-a"}
+        file_id = upload(client, CHAT, headers=a).json()["id"]
+        job_id = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": str(model_dir), "training_file": file_id},
+            headers=a,
+        ).json()["id"]
+        b = {"Authorization": "Bearer key-b"}
+        method = client.post if path == "/cancel" else client.get
+        assert_error(method(f"/v1/fine_tuning/jobs/{job_id}{path}", headers=b), 404, "id")
+        assert client.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+        assert method(f"/v1/fine_tuning/jobs/{job_id}{path}", headers=a).status_code == 200
+
+
+def test_unknown_job_ids_are_not_found(client):
+    for job_id in ("ftjob-doesnotexist", "file-abc", "x" * 300):
+        assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}"), 404, "id", "not_found")
