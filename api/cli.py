@@ -1,6 +1,7 @@
 """The `afina` command line."""
 
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+def _exit_cleanly(_signal: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -77,6 +82,10 @@ def serve(
     if not settings.api_keys:
         typer.echo("afina: no AFINA_API_KEYS set: every caller of this address has full access")
     worker = _start_worker() if with_worker else None
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler it found. This one turns it into a clean exit that runs the `finally` below.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _exit_cleanly)
     try:
         uvicorn.run(
             "afina.api.app:create_app",

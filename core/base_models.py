@@ -20,7 +20,9 @@ class ModelRefused(ValueError):
 
 
 def is_hub_id(model: str) -> bool:
-    return re.fullmatch(HUB_ID_PATTERN, model) is not None
+    if re.fullmatch(HUB_ID_PATTERN, model) is None:
+        return False
+    return all(part not in (".", "..") for part in model.split("/"))
 
 
 def is_local(model: str) -> bool:

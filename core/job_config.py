@@ -28,7 +28,6 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-
 def _or_keyword(keyword: str) -> tuple[WrapValidator, PlainSerializer]:
     """Let `keyword` through and validate anything else as the annotated type. Unlike a
     Union, an error then names the field alone, not the union member that failed."""

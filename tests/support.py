@@ -1,8 +1,18 @@
-"""Helpers the API tests share: uploads, error-body checks, reading rows back."""
+"""Helpers the tests share: uploads, error-body checks, reading rows back, running
+`afina serve` as a process."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -47,3 +57,60 @@ def rows(settings: Settings, table: Any) -> list[Any]:
         found = list(session.scalars(select(table)))
     engine.dispose()
     return found
+
+
+AFINA = Path(sys.executable).with_name("afina")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def afina_serve(workdir: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`afina serve` as a user starts it in `workdir` (embedded default, data in
+    `workdir/data`), until it answers; stopped with SIGTERM at the end."""
+    port = free_port()
+    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
+    for name in ("AFINA_DATABASE_URL", "AFINA_BROKER_URL", "AFINA_STORAGE_URL", "AFINA_API_KEYS"):
+        env.pop(name, None)
+    log = (workdir / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [AFINA, "serve", "--port", str(port), *args],
+        env=env,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (workdir / "serve.log").read_text()
+            assert time.monotonic() < deadline, "afina serve did not come up in 60 s"
+            time.sleep(0.2)
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children

@@ -87,13 +87,20 @@ def _render_chat(example: ChatExample, tokenizer: Any) -> tuple[str, list[tuple[
     for index, message in enumerate(example.messages):
         if message.role != "assistant" or message.weight == 0:
             continue
-        before, through = render(index, True), render(index + 1, False)
-        if not (text.startswith(through) and through.startswith(before)):
+        through = render(index + 1, False)
+        # A template cannot render an empty conversation: an opening assistant turn's text
+        # starts where its content does.
+        if index:
+            before = render(index, True)
+            start = len(before) if through.startswith(before) else -1
+        else:
+            start = through.rfind(message.content)
+        if start < 0 or not text.startswith(through):
             raise RecordError(
                 "the chat template does not render a conversation as the sum of its turns, "
                 "so afina cannot tell which tokens are the assistant's"
             )
-        spans.append((len(before), len(through)))
+        spans.append((start, len(through)))
     return text, spans
 
 
@@ -117,6 +124,15 @@ def render(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]
     return text, [(len(prompt), len(text))]
 
 
+def _overlaps(token: tuple[int, int], span: tuple[int, int]) -> bool:
+    """Whether a token's characters reach into a loss span. A token that BPE merged across
+    the boundary (" Paris" after "Answer:") is the first one to learn."""
+    (begin, end), (start, stop) = token, span
+    if begin == end:
+        return start <= begin < stop
+    return max(begin, start) < min(end, stop)
+
+
 def to_record(example: Example, tokenizer: Any, *, loss_on: LossOn) -> Record:
     text, spans = render(example, tokenizer)
     if loss_on == "all":
@@ -124,8 +140,8 @@ def to_record(example: Example, tokenizer: Any, *, loss_on: LossOn) -> Record:
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(input_ids, encoding["offset_mapping"], strict=True)
+        token if any(_overlaps(offsets, span) for span in spans) else IGNORE_INDEX
+        for token, offsets in zip(input_ids, encoding["offset_mapping"], strict=True)
     ]
     return Record(input_ids=input_ids, labels=labels)
 

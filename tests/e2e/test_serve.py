@@ -1,0 +1,57 @@
+"""The README's offline flow as a new user runs it: `afina demo-model`, `afina serve` (API and
+a worker child, embedded default), then the official openai client from upload to a
+fine-tuned model; stopping `afina serve` stops its worker too."""
+
+import json
+import os
+import subprocess
+import time
+
+import openai
+
+from tests.support import AFINA, afina_serve, child_pids
+
+
+def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
+    built = subprocess.run(
+        [AFINA, "demo-model", "demo"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    model = str(tmp_path / "demo")
+    assert (tmp_path / "demo" / "config.json").is_file()
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {i}"},
+                {"role": "assistant", "content": f"{i}"},
+            ]
+        }
+        for i in range(20)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    with afina_serve(tmp_path) as (base, server):
+        (worker_pid,) = child_pids(server.pid)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        with (tmp_path / "train.jsonl").open("rb") as data:
+            training_file = client.files.create(file=data, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=model,
+            training_file=training_file.id,
+            suffix="demo",
+            hyperparameters={"n_epochs": 2},
+        )
+        deadline = time.monotonic() + 120
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
+            time.sleep(0.5)
+            job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model.startswith(f"ft:{model}:default:demo:")
+        assert [job.id for job in client.fine_tuning.jobs.list(limit=5)] == [job.id]
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+        assert events[0].message.startswith("Job succeeded")
+        checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        assert checkpoints[0].step_number == job.to_dict()["progress"]["total_steps"]
+    assert server.returncode == 0
+    assert not os.path.exists(f"/proc/{worker_pid}"), "the worker outlived afina serve"
