@@ -2,13 +2,14 @@
 the job queue."""
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from afina.api.auth import get_project
+from afina.core.ids import looks_like_id
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
 
@@ -28,6 +29,18 @@ def artifact_storage(request: Request) -> ArtifactStorage:
 
 def job_queue(request: Request) -> Celery:
     return request.app.state.celery
+
+
+Row = TypeVar("Row")
+
+
+def owned_row(
+    db: Session, entity: type[Row], object_id: str, prefix: str, project: str
+) -> Row | None:
+    """The caller's object with this id, or None: another project's object is as absent as
+    one that does not exist."""
+    row = db.get(entity, object_id) if looks_like_id(object_id, prefix) else None
+    return row if row is not None and getattr(row, "project", None) == project else None
 
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]

@@ -47,9 +47,13 @@ def error_response(
     return JSONResponse({"error": body}, status_code)
 
 
+def shown_id(object_id: str) -> str:
+    """An id from a request, quoted for a message: at most 80 of its characters."""
+    return repr(object_id if len(object_id) <= 80 else object_id[:80] + "...")
+
+
 def not_found(kind: str, object_id: str) -> APIError:
-    shown = object_id if len(object_id) <= 80 else object_id[:80] + "..."
-    return APIError(404, f"No {kind} with id {shown!r}", param="id", code="not_found")
+    return APIError(404, f"No {kind} with id {shown_id(object_id)}", param="id", code="not_found")
 
 
 async def _api_error(_request: Request, error: APIError) -> JSONResponse:

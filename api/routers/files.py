@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy import delete, select
 
-from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
+from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
 from afina.api.errors import APIError, not_found
 from afina.api.pagination import ListPage, Order, page_params, paginate
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
-from afina.core.ids import looks_like_id, new_id
+from afina.core.ids import new_id
 from afina.core.storage import file_key
 from afina.models import File
 
@@ -113,8 +113,8 @@ def create_file(
 
 
 def _owned_file(db: DbDep, project: ProjectDep, file_id: str) -> File:
-    row = db.get(File, file_id) if looks_like_id(file_id, "file") else None
-    if row is None or row.project != project:
+    row = owned_row(db, File, file_id, "file", project)
+    if row is None:
         raise not_found("file", file_id)
     return row
 

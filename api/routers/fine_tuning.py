@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from sqlalchemy import delete, select, update
 
-from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep
-from afina.api.errors import APIError, not_found
+from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, owned_row
+from afina.api.errors import APIError, not_found, shown_id
 from afina.api.pagination import ListPage, Order, page_params, paginate
 from afina.api.schemas.jobs import (
     CheckpointObject,
@@ -20,7 +20,7 @@ from afina.api.schemas.jobs import (
     MetricSeries,
 )
 from afina.core import base_models
-from afina.core.ids import looks_like_id, new_id
+from afina.core.ids import new_id
 from afina.core.job_config import resolve_config
 from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
 from afina.models.base import utcnow
@@ -53,10 +53,11 @@ def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
 def _dataset(db: DbDep, project: str, file_id: str | None, param: str) -> File | None:
     if file_id is None:
         return None
-    row = db.get(File, file_id) if looks_like_id(file_id, "file") else None
-    if row is None or row.project != project:
-        shown = file_id if len(file_id) <= 80 else file_id[:80] + "..."
-        raise APIError(400, f"No file with id {shown!r}", param=param, code="file_not_found")
+    row = owned_row(db, File, file_id, "file", project)
+    if row is None:
+        raise APIError(
+            400, f"No file with id {shown_id(file_id)}", param=param, code="file_not_found"
+        )
     return row
 
 
@@ -115,8 +116,8 @@ def create_job(
 
 
 def _owned_job(db: DbDep, project: ProjectDep, job_id: str) -> Job:
-    row = db.get(Job, job_id) if looks_like_id(job_id, "ftjob") else None
-    if row is None or row.project != project:
+    row = owned_row(db, Job, job_id, "ftjob", project)
+    if row is None:
         raise not_found("fine-tuning job", job_id)
     return row
 
