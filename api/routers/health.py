@@ -25,6 +25,12 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as error:
         checks["database"] = f"unreachable: {type(error).__name__}"
     try:
+        with state.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as error:
+        checks["broker"] = f"unreachable: {type(error).__name__}"
+    try:
         state.storage.check_writable()
         checks["storage"] = "ok"
     except Exception as error:

@@ -240,7 +240,10 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
+    assert ready.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
 
 
 def test_readiness_is_503_when_the_database_is_unreachable(make_settings):
@@ -251,6 +254,15 @@ def test_readiness_is_503_when_the_database_is_unreachable(make_settings):
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"].startswith("unreachable")
+
+
+def test_readiness_is_503_when_the_broker_is_unreachable(make_settings):
+    with TestClient(create_app(make_settings(broker_url="redis://127.0.0.1:1/0"))) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["broker"].startswith("unreachable")
+    assert checks["database"] == "ok"
 
 
 def test_api_keys_gate_every_route_but_health_and_separate_projects(make_settings):
