@@ -1,6 +1,7 @@
 """The `afina` command line."""
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def migrate() -> None:
 def _start_worker() -> subprocess.Popen[bytes]:
     # Its own session: a Ctrl-C at the terminal reaches `afina serve`, which stops the
     # worker itself, after the API.
-    return subprocess.Popen([sys.executable, "-m", "afina.worker"], start_new_session=True)
+    env = {**os.environ, "AFINA_WORKER_PARENT_PID": str(os.getpid())}
+    return subprocess.Popen([sys.executable, "-m", "afina.worker"], env=env, start_new_session=True)
 
 
 def _stop_worker(worker: subprocess.Popen[bytes]) -> None:

@@ -69,6 +69,10 @@ def _field(location: tuple[int | str, ...]) -> str:
 async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
     problems = []
     for detail in error.errors():
+        if detail["type"] == "json_invalid":  # its location is a character offset
+            reason = detail.get("ctx", {}).get("error", "")
+            problems.append(("", f"the body is not valid JSON: {reason}"))
+            continue
         message = "field required" if detail["type"] == "missing" else detail["msg"]
         message = message.removeprefix("Value error, ")
         problems.append((_field(tuple(detail["loc"])), message))

@@ -12,6 +12,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$"
+MAX_CONFIG_BYTES = 1024 * 1024
 _LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
@@ -30,9 +31,11 @@ def is_local(model: str) -> bool:
 
 
 def normalise(model: str) -> str:
-    """A local path with `.`/`..` segments and repeated slashes folded, so that an
-    allow-list pattern cannot be walked out of; a hub id unchanged."""
-    return os.path.normpath(model) if is_local(model) else model
+    """A local path made canonical (`.`/`..` segments, repeated slashes and symlinks
+    resolved), so that an allow-list pattern cannot be walked out of; a hub id unchanged."""
+    if any(not character.isprintable() for character in model):
+        raise ModelRefused("model must not contain control characters")
+    return os.path.realpath(model) if is_local(model) else model
 
 
 def check_allowed(model: str, patterns: list[str]) -> None:
@@ -45,14 +48,17 @@ def check_allowed(model: str, patterns: list[str]) -> None:
 
 def read_local_config(path: str) -> dict[str, object]:
     """The `config.json` of a local model directory; ModelRefused if there is none."""
-    config_file = Path(path) / "config.json"
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise ModelRefused(f"model directory {path!r} does not exist")
+    if not config_file.is_file():  # not a FIFO or a device either: reading one could hang
+        raise ModelRefused(f"{path!r} holds no model: config.json is missing")
     try:
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelRefused(f"{config_file} is over {MAX_CONFIG_BYTES} bytes: not a config")
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if not Path(path).is_dir():
-            raise ModelRefused(f"model directory {path!r} does not exist") from None
-        raise ModelRefused(f"{path!r} holds no model: config.json is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ModelRefused(f"cannot read {config_file}: {error}") from None
     if not isinstance(config, dict):
         raise ModelRefused(f"{config_file} is not a JSON object")
@@ -67,6 +73,6 @@ def max_length(config: dict[str, object]) -> int | None:
     for source in sources:
         for key in _LENGTH_KEYS:
             value = source.get(key)
-            if isinstance(value, int) and value > 0:
+            if type(value) is int and value > 0:
                 return value
     return None

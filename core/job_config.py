@@ -72,7 +72,8 @@ LrScheduler = Literal[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not a seed nor "3" an epoch count; JSON ints still pass as floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(_Strict):
@@ -124,10 +125,10 @@ class TrainingSettings(_Strict):
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)] = 0.3
     gradient_checkpointing: bool = True
-    eval_steps: Annotated[int, Field(ge=1)] | None = Field(
+    eval_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Default: about 10 evaluations over the run."
     )
-    save_steps: Annotated[int, Field(ge=1)] | None = Field(
+    save_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Default: a checkpoint every quarter of the run."
     )
     loss_on: Literal["completion", "all"] = Field(

@@ -79,6 +79,10 @@ class Job(CreatedAt, Base):
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+    def fine_tuned_model_name(self) -> str:
+        """`ft:{model}:{project}:{suffix}:{short id}`: what serving will take as `model`."""
+        return f"ft:{self.model}:{self.project}:{self.suffix or ''}:{self.id[6:14]}"
+
 
 class JobEvent(CreatedAt, Base):
     __tablename__ = "job_events"

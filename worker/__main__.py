@@ -1,5 +1,25 @@
-"""`python -m afina.worker`: one training worker, as `afina serve` starts it beside the API."""
+"""`python -m afina.worker`: one training worker, as `afina serve` starts it beside the API.
+
+Started by `afina serve`, it is told the parent's pid and stops (warm shutdown: the job goes
+back to the queue) if that process goes away without stopping it, e.g. on a kill -9.
+"""
+
+import os
+import signal
+import threading
+import time
 
 from afina.worker.celery_app import run_worker
 
+PARENT_PID_VARIABLE = "AFINA_WORKER_PARENT_PID"
+
+
+def _stop_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+if parent := os.environ.get(PARENT_PID_VARIABLE):
+    threading.Thread(target=_stop_with_parent, args=(int(parent),), daemon=True).start()
 run_worker()

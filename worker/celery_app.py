@@ -2,11 +2,14 @@
 
 Embedded default: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed; set
 `AFINA_BROKER_URL=redis://...` for production. Training tasks are long and hold a GPU, so:
-acknowledge a task only when it has finished (`acks_late`) and hand it back if the worker
-dies (`reject_on_worker_lost`), take one message at a time (prefetch 1), and run in the
-worker's own process (`--pool solo`), which never forks after CUDA is initialised.
+acknowledge a task only when it has finished (`acks_late`, so a worker that dies leaves its
+message unacknowledged; `reject_on_worker_lost` does the same for pools with child
+processes), take one message at a time (prefetch 1), and run in the worker's own process
+(`--pool solo`), which never forks after CUDA is initialised. A message delivered twice is
+harmless: the runner starts a job only while the database says it is queued.
 """
 
+import os
 from pathlib import Path
 
 from celery import Celery
@@ -58,6 +61,11 @@ def run_worker() -> None:
     """Run one training worker in this process until it is told to stop: one task at a
     time, in the worker's own process."""
     settings = get_settings()
+    # A neutral working directory: a model name given as a hub id must never resolve to a
+    # directory that happens to sit where the worker was started.
+    workdir = settings.data_dir / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
     create_celery(settings).worker_main(
         [
             "worker",

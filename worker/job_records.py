@@ -52,7 +52,7 @@ class JobRecorder:
         with self.session_factory.begin() as session:
             session.execute(
                 update(Job)
-                .where(Job.id == self.job_id)
+                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(
                     steps_done=steps_done,
                     total_steps=total_steps,
@@ -88,8 +88,8 @@ class JobRecorder:
 
 
 class Heartbeat:
-    """A thread that stamps the job's `heartbeat_at` every few seconds while it runs, so
-    that a job whose worker died can be told from one that is busy."""
+    """A thread that stamps the job's `heartbeat_at` every few seconds while it runs: a
+    `running` job with an old stamp has lost its worker (what a reconciler will look for)."""
 
     def __init__(self, session_factory: sessionmaker[Session], job_id: str) -> None:
         self.session_factory = session_factory

@@ -7,13 +7,13 @@ failure ends the job `failed` with an error a user can act on; none leaves it `r
 
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from sqlalchemy import func, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.job_config import JobConfig
@@ -33,12 +33,10 @@ class WorkerContext:
     settings: Settings
     session_factory: sessionmaker[Session]
     storage: ArtifactStorage
-    requeue: Callable[[str], None]
 
 
-def fine_tuned_model_name(job: Job) -> str:
-    short_id = job.id.removeprefix("ftjob-")[:8]
-    return f"ft:{job.model}:{job.project}:{job.suffix or ''}:{short_id}"
+def _workdir(context: WorkerContext, job_id: str) -> Path:
+    return context.settings.data_dir / "work" / job_id
 
 
 def _transition(
@@ -98,7 +96,7 @@ def _fetch_files(context: WorkerContext, job: Job, workdir: Path) -> tuple[Path,
 
 
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
-    workdir = context.settings.data_dir / "work" / job.id
+    workdir = _workdir(context, job.id)
     training_file, validation_file = _fetch_files(context, job, workdir)
     run = TrainingRun(
         model=job.model,
@@ -113,24 +111,30 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
     return train(run, recorder)
 
 
-def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> None:
+def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> bool:
+    """Record how the run ended; True when the job went back to the queue (the worker is
+    shutting down), so that the task hands its message back."""
     if outcome.adapter_dir is None:
-        if shutdown_requested.is_set() and _transition(
-            context,
-            job.id,
-            JobStatus.RUNNING,
-            f"Worker shut down at step {outcome.steps}: the job is queued again",
-            status=JobStatus.QUEUED,
-        ):
-            context.requeue(job.id)
-        else:
-            JobRecorder(context.session_factory, context.storage, job.id).event(
-                f"Training stopped at step {outcome.steps}: the job was cancelled"
+        if shutdown_requested.is_set():
+            return _transition(
+                context,
+                job.id,
+                JobStatus.RUNNING,
+                f"Worker shut down at step {outcome.steps}: the job is queued again",
+                status=JobStatus.QUEUED,
+                steps_done=0,
+                total_steps=None,
+                epoch=None,
+                estimated_finish=None,
             )
-        return
-    context.storage.put_directory(outcome.adapter_dir, adapter_key(job.id))
-    name = fine_tuned_model_name(job)
-    _transition(
+        JobRecorder(context.session_factory, context.storage, job.id).event(
+            f"Training stopped at step {outcome.steps}: the job was cancelled"
+        )
+        return False
+    key = adapter_key(job.id)
+    context.storage.put_directory(outcome.adapter_dir, key)
+    name = job.fine_tuned_model_name()
+    succeeded = _transition(
         context,
         job.id,
         JobStatus.RUNNING,
@@ -143,6 +147,9 @@ def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> None:
         finished_at=utcnow(),
         estimated_finish=None,
     )
+    if not succeeded:  # cancelled while the adapter was saved: keep nothing of it
+        context.storage.delete(key)
+    return False
 
 
 def _fail(context: WorkerContext, job_id: str, failure: TrainingFailure) -> None:
@@ -168,23 +175,30 @@ def _as_failure(error: BaseException) -> TrainingFailure:
             "on training.gradient_checkpointing",
             "method.supervised.hyperparameters.batch_size",
         )
-    return TrainingFailure("training_error", f"training stopped with an error: {error}")
+    if isinstance(error, SQLAlchemyError):  # its text holds SQL: for the log, not the user
+        return TrainingFailure("internal_error", "the worker could not update the database")
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return TrainingFailure(
+        "training_error", f"training stopped with {type(error).__name__}: {first_line}"
+    )
 
 
-def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) -> None:
+def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) -> bool:
+    """Train the job if it is still queued. True when it went back to the queue because the
+    worker is shutting down: its message must go back to the broker too."""
     job = _claim(context, job_id, task_id)
     if job is None:
         logger.info("job %s is not queued (cancelled, or already taken): skipped", job_id)
-        return
+        return False
     recorder = JobRecorder(context.session_factory, context.storage, job.id)
-    outcome = None
-    with Heartbeat(context.session_factory, job.id):
-        try:
-            outcome = _train(context, job, recorder)
-            _finish(context, job, outcome)
-        except Exception as error:
-            logger.exception("job %s failed", job.id)
-            _fail(context, job.id, _as_failure(error))
-    requeued = outcome is not None and outcome.adapter_dir is None and shutdown_requested.is_set()
-    if not requeued:
-        shutil.rmtree(context.settings.data_dir / "work" / job.id, ignore_errors=True)
+    requeued = False
+    try:
+        with Heartbeat(context.session_factory, job.id):
+            try:
+                requeued = _finish(context, job, _train(context, job, recorder))
+            except Exception as error:
+                logger.exception("job %s failed", job.id)
+                _fail(context, job.id, _as_failure(error))
+    finally:
+        shutil.rmtree(_workdir(context, job.id), ignore_errors=True)
+    return requeued

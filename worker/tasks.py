@@ -4,6 +4,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from afina.core.settings import get_settings
@@ -15,13 +16,12 @@ from afina.worker.job_runner import WorkerContext, run_job
 
 
 @lru_cache
-def _context(app: Any) -> WorkerContext:
+def _context() -> WorkerContext:
     settings = get_settings()
     return WorkerContext(
         settings=settings,
         session_factory=make_session_factory(make_engine(settings.database_url or "")),
         storage=ArtifactStorage(settings.storage_url or ""),
-        requeue=lambda job_id: app.send_task(TRAIN_TASK, args=[job_id]),
     )
 
 
@@ -33,4 +33,6 @@ def _stop_training(**_: Any) -> None:
 
 @shared_task(name=TRAIN_TASK, bind=True)
 def train_job(self: Task, job_id: str) -> None:
-    run_job(_context(self.app), job_id, task_id=self.request.id)
+    # A worker that is stopping neither starts a job nor drops its message: both go back.
+    if shutdown_requested.is_set() or run_job(_context(), job_id, task_id=self.request.id):
+        raise Reject(reason="the worker is shutting down", requeue=True)

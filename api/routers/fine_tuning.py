@@ -30,14 +30,15 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 logger = logging.getLogger(__name__)
 
 PageDep = Annotated[tuple[str | None, int, Order], Depends(page_params(20, 100))]
+MAX_MODEL_NAME = Job.fine_tuned_model.type.length
 CANCELLABLE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
     """The model name to store and its context length when it can be read here (a local
     model); refused with a 400 naming `model`."""
-    name = base_models.normalise(model)
     try:
+        name = base_models.normalise(model)
         if not base_models.is_local(name) and not base_models.is_hub_id(name):
             raise base_models.ModelRefused(
                 f"model {model!r} is neither a Hugging Face id (org/name) nor an absolute path"
@@ -89,6 +90,14 @@ def create_job(
         user_metadata=body.metadata,
         config=config.model_dump(mode="json"),
     )
+    if len(job.fine_tuned_model_name()) > MAX_MODEL_NAME:
+        raise APIError(
+            400,
+            f"The fine-tuned model's name, ft:{{model}}:{{project}}:{{suffix}}:{{id}}, would be "
+            f"over {MAX_MODEL_NAME} characters: use a shorter model path or suffix",
+            param="suffix" if body.suffix else "model",
+            code="name_too_long",
+        )
     db.add(job)
     db.flush()  # the job row first: events point at it
     db.add(

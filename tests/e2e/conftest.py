@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,38 +39,48 @@ def _broker_url(database_url: str, data_dir: Path) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings shared by the app under test and a worker process started on them."""
-    data_dir = tmp_path_factory.mktemp("stack")
-    settings = Settings(
+def stack_settings(database_url: str, data_dir: Path) -> Settings:
+    return Settings(
         _env_file=None,
         data_dir=data_dir,
         database_url=database_url,
         broker_url=_broker_url(database_url, data_dir),
         api_keys=[],
     )
+
+
+@contextmanager
+def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m afina.worker` on these settings, logging to `{data dir}/worker.log`;
+    stopped (SIGTERM, then SIGKILL after 30 s) at the end if still running."""
     env = {
         **os.environ,
         "AFINA_DATA_DIR": str(settings.data_dir),
-        "AFINA_DATABASE_URL": database_url,
+        "AFINA_DATABASE_URL": settings.database_url or "",
         "AFINA_BROKER_URL": settings.broker_url or "",
         "AFINA_API_KEYS": "",
     }
-    log = (data_dir / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "afina.worker"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        yield settings
-    finally:
-        worker.terminate()
+    with (settings.data_dir / "worker.log").open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "afina.worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
+            yield worker
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings shared by the app under test and a worker process started on them."""
+    settings = stack_settings(database_url, tmp_path_factory.mktemp("stack"))
+    with worker_process(settings):
+        yield settings
 
 
 @pytest.fixture

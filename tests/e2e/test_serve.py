@@ -55,3 +55,20 @@ def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
         assert checkpoints[0].step_number == job.to_dict()["progress"]["total_steps"]
     assert server.returncode == 0
     assert not os.path.exists(f"/proc/{worker_pid}"), "the worker outlived afina serve"
+
+
+def test_the_worker_stops_when_afina_serve_is_killed(tmp_path):
+    with afina_serve(tmp_path) as (_base, server):
+        (worker_pid,) = child_pids(server.pid)
+        server.kill()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{worker_pid}") and _state(worker_pid) != "Z":
+            assert time.monotonic() < deadline, "the worker outlived a killed afina serve"
+            time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -2,6 +2,7 @@
 refuses, what it stores, listing, cancelling, and the empty series of a queued job."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,89 @@ def test_another_projects_job_is_not_found(make_settings, model_dir, path):
 def test_unknown_job_ids_are_not_found(client):
     for job_id in ("ftjob-doesnotexist", "file-abc", "x" * 300):
         assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}"), 404, "id", "not_found")
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"seed": True}, "seed"),
+        ({"hyperparameters": {"n_epochs": "3"}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"batch_size": True}}, "hyperparameters.batch_size"),
+        ({"lora": {"r": True}}, "lora.r"),
+        ({"training": {"packing": "yes"}}, "training.packing"),
+        ({"training": {"packing": 1}}, "training.packing"),
+        ({"quantization": {"double_quant": "false"}}, "quantization.double_quant"),
+        ({"training": {"save_steps": 10**30}}, "training.save_steps"),
+    ],
+    ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else value,
+)
+def test_values_of_the_wrong_json_type_are_not_coerced(client, body, settings, change, param):
+    assert_error(create(client, body | change), 400, param)
+    assert rows(settings, Job) == []
+
+
+def test_a_float_field_takes_a_json_integer(client, body):
+    body["lora"] = {"alpha": 16}
+    assert create(client, body).json()["config"]["lora"]["alpha"] == 16
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/tmp/x\u0000y", "control characters"),
+        ("org/..", "neither a Hugging Face id"),
+    ],
+)
+def test_model_names_with_tricks_are_refused(client, body, model, message):
+    body["model"] = model
+    error = assert_error(create(client, body), 400, "model", "model_not_available")
+    assert message in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 200_000, "cannot read"),
+        ("{not json", "cannot read"),
+        (" " * (1024 * 1024 + 1), "over 1048576 bytes"),
+    ],
+    ids=["deep", "invalid", "huge"],
+)
+def test_a_bad_config_json_is_refused(client, body, model_dir, content, message):
+    (model_dir / "config.json").write_text(content)
+    error = assert_error(create(client, body), 400, "model")
+    assert message in error["message"]
+
+
+def test_a_config_json_that_is_not_a_file_is_refused(client, body, model_dir):
+    (model_dir / "config.json").unlink()
+    os.mkfifo(model_dir / "config.json")  # reading it would block the request forever
+    error = assert_error(create(client, body), 400, "model")
+    assert "config.json is missing" in error["message"]
+
+
+def test_a_symlink_out_of_the_allow_list_is_refused(make_settings, model_dir, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "link").symlink_to(model_dir.parent)
+    with TestClient(create_app(make_settings(allowed_models=[f"{allowed}/*"]))) as client:
+        file_id = upload(client, CHAT).json()["id"]
+        response = create(client, {"model": f"{allowed}/link/tiny", "training_file": file_id})
+    assert_error(response, 400, "model", "model_not_available")
+
+
+def test_a_fine_tuned_model_name_over_the_column_is_refused(client, body, tmp_path, settings):
+    deep = tmp_path / ("d" * 200) / ("e" * 200)  # under 512, but not with the rest
+    deep.mkdir(parents=True)
+    (deep / "config.json").write_text("{}")
+    body |= {"model": str(deep), "suffix": "s" * 64}
+    assert_error(create(client, body), 400, "suffix", "name_too_long")
+    assert rows(settings, Job) == []
+
+
+def test_a_body_that_is_not_json_is_refused_plainly(client):
+    response = client.post(
+        "/v1/fine_tuning/jobs", content=b"hello", headers={"Content-Type": "application/json"}
+    )
+    error = assert_error(response, 400, None)
+    assert error["message"].startswith("the body is not valid JSON")

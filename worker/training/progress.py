@@ -48,9 +48,10 @@ class ProgressCallback(TrainerCallback):
         self.first_step = state.global_step
         self.tokens_at_last_log = state.num_input_tokens_seen
         self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, None)
+        span = "" if args.max_steps > 0 else f" over {args.num_train_epochs:g} epoch(s)"
         self.reporter.event(
-            f"Training started: {state.max_steps} steps over {args.num_train_epochs:g} "
-            f"epoch(s), logging every {state.logging_steps} step(s)",
+            f"Training started: {state.max_steps} steps{span}, "
+            f"logging every {state.logging_steps} step(s)",
             data={"total_steps": state.max_steps},
         )
 
@@ -105,11 +106,11 @@ class ProgressCallback(TrainerCallback):
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        if self.stopped_early:
-            return
+        epoch = round(state.epoch or 0)
+        if self.stopped_early or epoch < 1 or abs((state.epoch or 0) - epoch) > 1e-6:
+            return  # cut short (cancel, max_steps): not a finished epoch
         self.reporter.event(
-            f"Epoch {round(state.epoch or 0)} of {args.num_train_epochs:g} done "
-            f"at step {state.global_step}",
+            f"Epoch {epoch} of {args.num_train_epochs:g} done at step {state.global_step}",
             data={"step": state.global_step, "epoch": state.epoch},
         )
 

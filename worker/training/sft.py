@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import AutoConfig, set_seed
+from datasets import Dataset, disable_progress_bars
+from transformers import AutoConfig, PrinterCallback, set_seed
+from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from afina.core.base_models import max_length
@@ -92,21 +93,19 @@ def _dataset(
     param = "training_file" if name == "train" else "validation_file"
     try:
         dataset = Dataset.from_generator(records, cache_dir=str(cache))
-    except RecordError as error:
-        raise TrainingFailure("invalid_training_example", str(error), param) from error
     except Exception as error:
+        if stats.examples and stats.dropped == stats.examples:  # datasets refuses no rows
+            raise TrainingFailure(
+                "no_trainable_examples",
+                f"none of the {stats.examples} examples has a token to learn from within "
+                f"max_seq_length={max_seq_length}: raise training.max_seq_length",
+                param,
+            ) from error
         # datasets wraps what the generator raised; a bad line or template is the user's.
-        cause = error.__cause__ or error.__context__
+        cause = error if isinstance(error, RecordError) else error.__cause__ or error.__context__
         if isinstance(cause, RecordError | ValueError):
             raise TrainingFailure("invalid_training_example", str(cause), param) from error
         raise
-    if len(dataset) == 0:
-        raise TrainingFailure(
-            "no_trainable_examples",
-            f"none of the {stats.examples} examples has a token to learn from within "
-            f"max_seq_length={max_seq_length}",
-            param,
-        )
     return dataset, stats
 
 
@@ -152,6 +151,8 @@ def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfi
 
 
 def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
     set_seed(run.seed)  # before LoRA's random init, not only before the training loop
     config = _resolve_length(run)
     tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
@@ -191,6 +192,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    trainer.remove_callback(PrinterCallback)  # progress goes to the job, not to stdout
     trainer.train()
     state = trainer.state
     if callback.stopped_early:
