@@ -1,5 +1,7 @@
 """Cursor pages in OpenAI's shape: `after` an object id, `limit`, newest first by default."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
@@ -21,15 +23,12 @@ class ListPage(BaseModel, Generic[T]):
     first_id: str | None
     last_id: str | None
 
-    @classmethod
-    def of(cls, data: list[Any], has_more: bool) -> "ListPage[Any]":
-        """A page of objects that have an `id`."""
-        return cls(
-            data=data,
-            has_more=has_more,
-            first_id=data[0].id if data else None,
-            last_id=data[-1].id if data else None,
-        )
+
+@dataclass(frozen=True)
+class PageParams:
+    after: str | None
+    limit: int
+    order: Order
 
 
 def page_params(default_limit: int, max_limit: int) -> Any:
@@ -39,33 +38,34 @@ def page_params(default_limit: int, max_limit: int) -> Any:
         after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=max_limit)] = default_limit,
         order: Order = "desc",
-    ) -> tuple[str | None, int, Order]:
-        return after, limit, order
+    ) -> PageParams:
+        return PageParams(after, limit, order)
 
     return params
 
 
-def paginate(
-    db: Session,
-    query: Select[Any],
-    entity: Any,
-    *,
-    after: str | None,
-    limit: int,
-    order: Order,
-) -> tuple[list[Any], bool]:
-    """Rows of `query` (already filtered to the caller's objects) past the `after` cursor,
-    ordered by (created_at, id) so that equal timestamps still page stably."""
+def list_page(
+    db: Session, query: Select[Any], entity: Any, page: PageParams, to_object: Callable[[Any], T]
+) -> ListPage[T]:
+    """One page of `query` (already filtered to the caller's objects) past the `after`
+    cursor, ordered by (created_at, id) so that equal timestamps still page stably, each row
+    turned into its API object."""
     key = tuple_(entity.created_at, entity.id)
-    if after is not None:
+    if page.after is not None:
         anchor = db.execute(
-            query.with_only_columns(entity.created_at, entity.id).where(entity.id == after)
+            query.with_only_columns(entity.created_at, entity.id).where(entity.id == page.after)
         ).first()
         if anchor is None:
-            raise APIError(400, f"No object with id {after!r} to page after", param="after")
-        query = query.where(key > tuple(anchor) if order == "asc" else key < tuple(anchor))
+            raise APIError(400, f"No object with id {page.after!r} to page after", param="after")
+        query = query.where(key > tuple(anchor) if page.order == "asc" else key < tuple(anchor))
     direction = (entity.created_at, entity.id)
-    if order == "desc":
+    if page.order == "desc":
         direction = (entity.created_at.desc(), entity.id.desc())
-    rows = list(db.scalars(query.order_by(*direction).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    rows = list(db.scalars(query.order_by(*direction).limit(page.limit + 1)))
+    data = [to_object(row) for row in rows[: page.limit]]
+    return ListPage(
+        data=data,
+        has_more=len(rows) > page.limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

@@ -65,10 +65,8 @@ class ArtifactStorage:
             self._remove(temporary)
             raise
 
-    def download(self, key: str, local: Path) -> None:
-        """Copy the object at `key` to a local file (FileNotFoundError if there is none)."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get(self.path(key), str(local))
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
 
     def open(self, key: str) -> BinaryIO:
         return self.fs.open(self.path(key), "rb")

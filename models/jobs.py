@@ -81,7 +81,8 @@ class Job(CreatedAt, Base):
 
     def fine_tuned_model_name(self) -> str:
         """`ft:{model}:{project}:{suffix}:{short id}`: what serving will take as `model`."""
-        return f"ft:{self.model}:{self.project}:{self.suffix or ''}:{self.id[6:14]}"
+        short_id = self.id.removeprefix("ftjob-")[:8]
+        return f"ft:{self.model}:{self.project}:{self.suffix or ''}:{short_id}"
 
 
 class JobEvent(CreatedAt, Base):

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.ids import new_id
@@ -48,9 +48,11 @@ class JobRecorder:
 
     def progress(
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
-    ) -> None:
+    ) -> bool:
+        """Record progress; False once the run must stop. The one UPDATE per step both writes
+        the progress and finds out whether the job is still running (not cancelled)."""
         with self.session_factory.begin() as session:
-            session.execute(
+            running = session.execute(
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(
@@ -59,7 +61,8 @@ class JobRecorder:
                     epoch=epoch,
                     estimated_finish=estimated_finish,
                 )
-            )
+            ).rowcount
+        return bool(running) and not shutdown_requested.is_set()
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
         """Keep the adapter of a trainer checkpoint (not its optimizer state) in storage."""
@@ -78,13 +81,6 @@ class JobRecorder:
             session.add(
                 new_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
             )
-
-    def status(self) -> JobStatus | None:
-        with self.session_factory() as session:
-            return session.scalar(select(Job.status).where(Job.id == self.job_id))
-
-    def should_stop(self) -> bool:
-        return shutdown_requested.is_set() or self.status() != JobStatus.RUNNING
 
 
 class Heartbeat:

@@ -2,14 +2,17 @@
 
 Every state change is a conditional UPDATE, so the database settles races: a job cancelled
 while it trains stays cancelled, and a message delivered twice starts a job only once. Any
-failure ends the job `failed` with an error a user can act on; none leaves it `running`.
+failure inside the run ends the job `failed` with an error a user can act on. (A worker that
+dies outright leaves its job `running` with a stale heartbeat: that is for a reconciler.)
 """
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from sqlalchemy import func, update
@@ -74,44 +77,36 @@ def _claim(context: WorkerContext, job_id: str, task_id: str | None) -> Job | No
         return job
 
 
-def _fetch_files(context: WorkerContext, job: Job, workdir: Path) -> tuple[Path, Path | None]:
-    paths: list[Path | None] = []
-    for param, file_id in (
-        ("training_file", job.training_file_id),
-        ("validation_file", job.validation_file_id),
-    ):
-        if file_id is None:
-            paths.append(None)
-            continue
-        local = workdir / "files" / f"{file_id}.jsonl"
-        try:
-            context.storage.download(file_key(file_id), local)
-        except FileNotFoundError:
-            raise TrainingFailure(
-                "file_not_found", f"{param} {file_id!r} was deleted before training", param
-            ) from None
-        paths.append(local)
-    assert paths[0] is not None
-    return paths[0], paths[1]
+def _dataset_opener(context: WorkerContext, file_id: str, param: str) -> Callable[[], BinaryIO]:
+    """How the trainer reads a dataset: straight from storage, without a local copy."""
+    key = file_key(file_id)
+    if not context.storage.exists(key):
+        raise TrainingFailure(
+            "file_not_found", f"{param} {file_id!r} was deleted before training", param
+        )
+    return partial(context.storage.open, key)
 
 
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
-    workdir = _workdir(context, job.id)
-    training_file, validation_file = _fetch_files(context, job, workdir)
+    validation = job.validation_file_id
     run = TrainingRun(
         model=job.model,
         config=JobConfig.model_validate(job.config),
         seed=job.seed,
-        training_file=training_file,
-        validation_file=validation_file,
-        workdir=workdir,
+        training_data=_dataset_opener(context, job.training_file_id, "training_file"),
+        validation_data=(
+            _dataset_opener(context, validation, "validation_file") if validation else None
+        ),
+        workdir=_workdir(context, job.id),
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
     )
     return train(run, recorder)
 
 
-def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> bool:
+def _finish(
+    context: WorkerContext, job: Job, recorder: JobRecorder, outcome: TrainingOutcome
+) -> bool:
     """Record how the run ended; True when the job went back to the queue (the worker is
     shutting down), so that the task hands its message back."""
     if outcome.adapter_dir is None:
@@ -127,9 +122,7 @@ def _finish(context: WorkerContext, job: Job, outcome: TrainingOutcome) -> bool:
                 epoch=None,
                 estimated_finish=None,
             )
-        JobRecorder(context.session_factory, context.storage, job.id).event(
-            f"Training stopped at step {outcome.steps}: the job was cancelled"
-        )
+        recorder.event(f"Training stopped at step {outcome.steps}: the job was cancelled")
         return False
     key = adapter_key(job.id)
     context.storage.put_directory(outcome.adapter_dir, key)
@@ -195,7 +188,7 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
     try:
         with Heartbeat(context.session_factory, job.id):
             try:
-                requeued = _finish(context, job, _train(context, job, recorder))
+                requeued = _finish(context, job, recorder, _train(context, job, recorder))
             except Exception as error:
                 logger.exception("job %s failed", job.id)
                 _fail(context, job.id, _as_failure(error))

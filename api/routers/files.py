@@ -12,7 +12,7 @@ from sqlalchemy import delete, select
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
 from afina.api.errors import APIError, not_found
-from afina.api.pagination import ListPage, Order, page_params, paginate
+from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
 from afina.core.ids import new_id
@@ -126,15 +126,13 @@ OwnedFile = Annotated[File, Depends(_owned_file)]
 def list_files(
     db: DbDep,
     project: ProjectDep,
-    page: Annotated[tuple[str | None, int, Order], Depends(page_params(10_000, 10_000))],
+    page: Annotated[PageParams, Depends(page_params(10_000, 10_000))],
     purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
 ) -> ListPage[FileObject]:
-    after, limit, order = page
     query = select(File).where(File.project == project)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
-    rows, has_more = paginate(db, query, File, after=after, limit=limit, order=order)
-    return ListPage[FileObject].of([FileObject.of(row) for row in rows], has_more)
+    return list_page(db, query, File, page, FileObject.of)
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, update
 
 from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, owned_row
 from afina.api.errors import APIError, not_found, shown_id
-from afina.api.pagination import ListPage, Order, page_params, paginate
+from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.jobs import (
     CheckpointObject,
     EventObject,
@@ -29,7 +29,7 @@ from afina.worker.celery_app import TRAIN_TASK
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 logger = logging.getLogger(__name__)
 
-PageDep = Annotated[tuple[str | None, int, Order], Depends(page_params(20, 100))]
+PageDep = Annotated[PageParams, Depends(page_params(20, 100))]
 MAX_MODEL_NAME = Job.fine_tuned_model.type.length
 CANCELLABLE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -51,9 +51,7 @@ def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
         raise APIError(400, str(refused), param="model", code="model_not_available") from None
 
 
-def _dataset(db: DbDep, project: str, file_id: str | None, param: str) -> File | None:
-    if file_id is None:
-        return None
+def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
     row = owned_row(db, File, file_id, "file", project)
     if row is None:
         raise APIError(
@@ -68,8 +66,8 @@ def create_job(
 ) -> JobObject:
     model, model_limit = _model_limit(body.model, settings.allowed_models)
     training = _dataset(db, project, body.training_file, "training_file")
-    assert training is not None
-    validation = _dataset(db, project, body.validation_file, "validation_file")
+    if body.validation_file is not None:
+        _dataset(db, project, body.validation_file, "validation_file")
     try:
         config = resolve_config(
             body, num_examples=training.num_examples, model_max_length=model_limit
@@ -84,7 +82,7 @@ def create_job(
         status=JobStatus.QUEUED,
         model=model,
         training_file_id=training.id,
-        validation_file_id=validation.id if validation else None,
+        validation_file_id=body.validation_file,
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         user_metadata=body.metadata,
@@ -136,10 +134,7 @@ OwnedJob = Annotated[Job, Depends(_owned_job)]
 
 @router.get("", response_model=ListPage[JobObject])
 def list_jobs(db: DbDep, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
-    after, limit, order = page
-    query = select(Job).where(Job.project == project)
-    rows, has_more = paginate(db, query, Job, after=after, limit=limit, order=order)
-    return ListPage[JobObject].of([JobObject.of(row) for row in rows], has_more)
+    return list_page(db, select(Job).where(Job.project == project), Job, page, JobObject.of)
 
 
 @router.get("/{job_id}", response_model=JobObject)
@@ -172,18 +167,14 @@ def cancel_job(job: OwnedJob, db: DbDep) -> JobObject:
 
 @router.get("/{job_id}/events", response_model=ListPage[EventObject])
 def list_events(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[EventObject]:
-    after, limit, order = page
     query = select(JobEvent).where(JobEvent.job_id == job.id)
-    rows, has_more = paginate(db, query, JobEvent, after=after, limit=limit, order=order)
-    return ListPage[EventObject].of([EventObject.of(row) for row in rows], has_more)
+    return list_page(db, query, JobEvent, page, EventObject.of)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointObject])
 def list_checkpoints(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[CheckpointObject]:
-    after, limit, order = page
     query = select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)
-    rows, has_more = paginate(db, query, JobCheckpoint, after=after, limit=limit, order=order)
-    return ListPage[CheckpointObject].of([CheckpointObject.of(row) for row in rows], has_more)
+    return list_page(db, query, JobCheckpoint, page, CheckpointObject.of)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries)

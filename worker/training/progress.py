@@ -19,11 +19,11 @@ class Reporter(Protocol):
 
     def progress(
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
-    ) -> None: ...
+    ) -> bool:
+        """Record progress; False once the run must stop (cancelled, worker stopping)."""
+        ...
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None: ...
-
-    def should_stop(self) -> bool: ...
 
 
 def _finite(value: Any) -> float | None:
@@ -98,8 +98,9 @@ class ProgressCallback(TrainerCallback):
         if done > 0:
             per_step = (time.monotonic() - self.started) / done
             finish = datetime.now(UTC) + timedelta(seconds=per_step * remaining)
-        self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, finish)
-        if self.reporter.should_stop():
+        if not self.reporter.progress(
+            state.global_step, state.max_steps, state.epoch or 0.0, finish
+        ):
             self.stopped_early = True
             control.should_training_stop = True
 

@@ -3,10 +3,10 @@ peft adapter. Knows nothing of Celery or the database: progress goes to a `Repor
 
 import logging
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from datasets import Dataset, disable_progress_bars
@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
-from afina.core.job_config import JobConfig, fit_to_model
+from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.model import compute_dtype, load_model, load_tokenizer
 from afina.worker.training.progress import ProgressCallback, Reporter
@@ -36,8 +36,8 @@ class TrainingRun:
     model: str
     config: JobConfig
     seed: int
-    training_file: Path
-    validation_file: Path | None
+    training_data: Callable[[], BinaryIO]  # opens the dataset, each time it is read
+    validation_data: Callable[[], BinaryIO] | None
     workdir: Path
     max_line_bytes: int
     trust_remote_code: bool = False
@@ -60,9 +60,8 @@ def _resolve_length(run: TrainingRun) -> JobConfig:
         raise TrainingFailure(
             "model_load_failed", f"cannot load model {run.model!r}: {error}", "model"
         ) from error
-    limit = max_length(model_config)
-    if limit is None:
-        return fit_to_model(run.config, run.config.training.max_seq_length or 2048)
+    # A model that declares no context length takes what was asked, or the default.
+    limit = max_length(model_config) or run.config.training.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
     try:
         return fit_to_model(run.config, limit)
     except ValueError as error:
@@ -72,14 +71,18 @@ def _resolve_length(run: TrainingRun) -> JobConfig:
 
 
 def _dataset(
-    path: Path, tokenizer: Any, config: JobConfig, run: TrainingRun, name: str
+    open_data: Callable[[], BinaryIO],
+    tokenizer: Any,
+    config: JobConfig,
+    run: TrainingRun,
+    name: str,
 ) -> tuple[Dataset, RecordStats]:
     stats = RecordStats()
     max_seq_length = config.training.max_seq_length
     assert max_seq_length is not None
 
     def records() -> Iterator[dict[str, list[int]]]:
-        with path.open("rb") as stream:
+        with open_data() as stream:
             yield from to_records(
                 read_examples(stream, max_line_bytes=run.max_line_bytes),
                 tokenizer,
@@ -156,20 +159,15 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     set_seed(run.seed)  # before LoRA's random init, not only before the training loop
     config = _resolve_length(run)
     tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
-    train_set, stats = _dataset(run.training_file, tokenizer, config, run, "train")
+    train_set, stats = _dataset(run.training_data, tokenizer, config, run, "train")
     eval_set = None
-    if run.validation_file is not None:
-        eval_set, _ = _dataset(run.validation_file, tokenizer, config, run, "eval")
+    if run.validation_data is not None:
+        eval_set, _ = _dataset(run.validation_data, tokenizer, config, run, "eval")
     reporter.event(
         f"Tokenized {stats.examples} training examples: {stats.tokens} tokens, "
         f"{stats.truncated} cut to {config.training.max_seq_length} tokens, "
         f"{stats.dropped} dropped with nothing left to learn",
-        data={
-            "examples": stats.examples,
-            "tokens": stats.tokens,
-            "truncated": stats.truncated,
-            "dropped": stats.dropped,
-        },
+        data=asdict(stats),
     )
     model = load_model(
         run.model,
