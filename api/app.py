@@ -4,15 +4,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from afina.api.auth import ApiKeyAuth
 from afina.api.errors import install_error_handlers
 from afina.api.limits import BodySizeLimit
-from afina.api.routers import files, fine_tuning, health
+from afina.api.routers import files, fine_tuning, health, inference, models
 from afina.core.settings import Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.celery_app import create_celery
+from afina.worker.inference.engine import InferenceEngine
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        await run_in_threadpool(app.state.inference.close)
         app.state.celery.close()
         engine.dispose()
 
@@ -36,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = ArtifactStorage(settings.storage_url)
     app.state.celery = create_celery(settings)
+    app.state.inference = InferenceEngine(settings, app.state.storage)
     install_error_handlers(app)
     # The last added runs first: the size limit, then the key check, then the app.
     app.add_middleware(ApiKeyAuth, keys=settings.api_key_projects())
@@ -43,4 +47,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(models.router)
+    app.include_router(inference.router)
     return app

@@ -51,6 +51,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * MiB, gt=0)
     max_line_bytes: int = Field(default=8 * MiB, gt=0, description="Longest JSONL line accepted.")
     log_level: str = "info"
+    max_loaded_adapters: int = Field(
+        default=8, ge=1, description="Adapters the inference engine keeps loaded (LRU)."
+    )
+    max_loaded_base_models: int = Field(
+        default=1, ge=1, description="Base models the inference engine keeps loaded (LRU)."
+    )
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Generation requests decoded together; 1 = one at a time."
+    )
+    batch_window_ms: float = Field(
+        default=10, ge=0, le=10_000, description="How long an idle engine waits to fill a batch."
+    )
+    max_new_tokens: int = Field(
+        default=2048, ge=1, description="The most tokens one generation request may ask for."
+    )
+    max_queued_generations: int = Field(
+        default=256, ge=1, description="Waiting generation requests beyond which a 429 answers."
+    )
 
     @field_validator("allowed_models", "api_keys", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 def file_key(file_id: str) -> str:
@@ -64,6 +65,19 @@ class ArtifactStorage:
         except BaseException:
             self._remove(temporary)
             raise
+
+    def local_directory(self, key: str, cache: Path) -> Path:
+        """A local directory holding what is under `key`: the object itself on local
+        storage, else a copy fetched once into `cache` (keys are immutable once written)."""
+        if isinstance(self.fs, LocalFileSystem):
+            return Path(self.path(key))
+        target = cache / key
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.tmp-{secrets.token_hex(8)}")
+            self.fs.get(self.path(key) + "/", str(partial) + "/", recursive=True)
+            partial.rename(target)
+        return target
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))

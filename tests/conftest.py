@@ -3,14 +3,10 @@ backend (SQLite, and the real PostgreSQL server), the app, clients, a live serve
 
 import os
 import secrets
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -22,6 +18,7 @@ from afina.core.settings import Settings
 from afina.models import Base
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine
+from tests.support import serve_in_thread
 
 POSTGRES_URL = os.environ.get(
     "AFINA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -111,18 +108,5 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 @pytest.fixture
 def live_server(app: FastAPI) -> Iterator[str]:
     """The app served by uvicorn on a free loopback port, for clients that need a socket."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped before it started serving"
-        assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield url

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -101,6 +103,29 @@ def afina_serve(workdir: Path, *args: str) -> Iterator[tuple[str, subprocess.Pop
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """The app served by uvicorn in this process on a free loopback port, for clients that
+    need a socket (the openai client) while the test still reaches `app.state`."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it started serving"
+        assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 def child_pids(pid: int) -> list[int]:

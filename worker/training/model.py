@@ -1,49 +1,19 @@
-"""Loading the base model (quantized with bitsandbytes) and its tokenizer, and adding LoRA."""
+"""The model to train: the quantized base, frozen, with trainable LoRA adapters on top."""
 
 from typing import Any
 
-import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from afina.core.job_config import LoraSettings, QuantizationSettings
+from afina.worker.model_loading import ModelLoadError, load_base_model, load_tokenizer
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.records import ensure_chat_template
 
 
-def compute_dtype(setting: str) -> torch.dtype:
-    """The dtype LoRA computes in: bfloat16 on GPUs that have it, float16 on older ones,
-    float32 on CPU (bitsandbytes' CPU kernels and autocast want it)."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_tokenizer(model: str, *, trust_remote_code: bool) -> Any:
+def load_training_tokenizer(model: str, *, trust_remote_code: bool) -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as error:
-        raise TrainingFailure(
-            "model_load_failed", f"cannot load the tokenizer of {model!r}: {error}", "model"
-        ) from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
-    return tokenizer
-
-
-def _quantization_config(settings: QuantizationSettings, dtype: torch.dtype) -> Any:
-    if settings.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=settings.quant_type,
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
-    )
+        return load_tokenizer(model, trust_remote_code=trust_remote_code)
+    except ModelLoadError as error:
+        raise TrainingFailure("model_load_failed", str(error), "model") from error
 
 
 def load_model(
@@ -54,21 +24,12 @@ def load_model(
     gradient_checkpointing: bool,
     trust_remote_code: bool,
 ) -> Any:
-    """The base model, quantized as asked, frozen, with trainable LoRA adapters on top."""
-    dtype = compute_dtype(quantization.compute_dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if quantization.bits is not None:
-        kwargs["quantization_config"] = _quantization_config(quantization, dtype)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as error:
-        raise TrainingFailure(
-            "model_load_failed", f"cannot load model {model!r}: {error}", "model"
-        ) from error
+        base = load_base_model(
+            model, quantization=quantization, trust_remote_code=trust_remote_code
+        )
+    except ModelLoadError as error:
+        raise TrainingFailure("model_load_failed", str(error), "model") from error
     if quantization.bits is not None:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing

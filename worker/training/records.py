@@ -66,6 +66,11 @@ def _bos(tokenizer: Any, text: str) -> str:
     return "" if not bos or text.startswith(bos) else bos
 
 
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """A plain prompt as training renders it before its completion: BOS first."""
+    return _bos(tokenizer, prompt) + prompt
+
+
 def _eos(tokenizer: Any, text: str) -> str:
     eos = tokenizer.eos_token
     return "" if not eos or text.endswith(eos) else eos
@@ -118,7 +123,7 @@ def render(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]
         prompt, completion = instruction_prompt(example.instruction, example.input), example.output
     else:
         raise TypeError(f"not a dataset example: {type(example).__name__}")
-    prompt = _bos(tokenizer, prompt) + prompt
+    prompt = prompt_text(tokenizer, prompt)
     text = prompt + completion
     text += _eos(tokenizer, text)
     return text, [(len(prompt), len(text))]

@@ -17,8 +17,9 @@ from trl import SFTConfig, SFTTrainer
 from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
+from afina.worker.model_loading import compute_dtype
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.model import compute_dtype, load_model, load_tokenizer
+from afina.worker.training.model import load_model, load_training_tokenizer
 from afina.worker.training.progress import ProgressCallback, Reporter
 from afina.worker.training.records import RecordError, RecordStats, to_records
 
@@ -158,7 +159,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     hf_logging.disable_progress_bar()
     set_seed(run.seed)  # before LoRA's random init, not only before the training loop
     config = _resolve_length(run)
-    tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
+    tokenizer = load_training_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
     train_set, stats = _dataset(run.training_data, tokenizer, config, run, "train")
     eval_set = None
     if run.validation_data is not None:

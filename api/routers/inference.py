@@ -1,0 +1,307 @@
+"""Generation: `POST /v1/chat/completions`, `POST /v1/completions` (OpenAI's) and
+`POST /generate` (afina's), each answered whole or, with `stream: true`, as server-sent
+events token by token. The inference engine does the work off the event loop."""
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from afina.api.errors import APIError
+from afina.api.schemas.inference import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    StreamOptions,
+    UsageObject,
+)
+from afina.api.served_models import resolve_job, resolve_model
+from afina.worker.inference.engine import InferenceEngine
+from afina.worker.inference.protocol import (
+    Delta,
+    Finished,
+    GenerationStream,
+    InferenceError,
+    ModelSpec,
+    Prompt,
+    SamplingParams,
+)
+
+router = APIRouter(tags=["inference"])
+
+Chunk = dict[str, Any]
+
+
+def _api_error(error: InferenceError) -> APIError:
+    return APIError(error.status_code, error.message, param=error.param, code=error.code)
+
+
+def _error_body(error: InferenceError) -> Chunk:
+    kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
+    return {
+        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    }
+
+
+async def _resolve(request: Request, *, model: str | None, job_id: str | None) -> ModelSpec:
+    state = request.app.state
+
+    def lookup() -> ModelSpec:
+        with state.session_factory() as db:
+            if job_id is not None:
+                return resolve_job(db, state.storage, request.state.project, job_id)
+            assert model is not None
+            return resolve_model(db, state.settings, state.storage, request.state.project, model)
+
+    return await run_in_threadpool(lookup)
+
+
+def _messages(messages: list[ChatMessage]) -> Prompt:
+    turns = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in messages)
+    return Prompt(messages=turns, param="messages")
+
+
+def _params(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest | GenerateRequest,
+    max_tokens: int | None,
+    max_tokens_param: str,
+) -> SamplingParams:
+    ceiling = request.app.state.settings.max_new_tokens
+    if max_tokens is not None and max_tokens > ceiling:
+        raise APIError(
+            400,
+            f"{max_tokens_param} is {max_tokens}; this server allows at most {ceiling} "
+            "(AFINA_MAX_NEW_TOKENS)",
+            param=max_tokens_param,
+            code="invalid_value",
+        )
+    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(stop),
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+        max_tokens_param=max_tokens_param,
+    )
+
+
+async def _start(
+    request: Request, model: ModelSpec, prompt: Prompt, params: SamplingParams
+) -> GenerationStream:
+    """Queue the request and wait until the engine has accepted its prompt, so that a bad
+    prompt is still an HTTP error and not an error inside a started stream."""
+    engine: InferenceEngine = request.app.state.inference
+    try:
+        stream = engine.submit(model, prompt, params)
+    except InferenceError as error:
+        raise _api_error(error) from None
+    try:
+        await stream.next_event()
+    except InferenceError as error:
+        raise _api_error(error) from None
+    except BaseException:
+        stream.cancel()
+        raise
+    return stream
+
+
+async def _finish(stream: GenerationStream):
+    try:
+        return await stream.completion()
+    except InferenceError as error:
+        raise _api_error(error) from None
+    finally:
+        stream.cancel()  # a no-op when it finished; frees the row if this task was cancelled
+
+
+def _sse(payload: Chunk | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _event_stream(
+    stream: GenerationStream,
+    *,
+    opening: list[Chunk],
+    delta: Callable[[str], Chunk],
+    closing: Callable[[Finished], list[Chunk]],
+) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            for chunk in opening:
+                yield _sse(chunk)
+            while True:
+                event = await stream.next_event()
+                if isinstance(event, Delta):
+                    yield _sse(delta(event.text))
+                elif isinstance(event, Finished):
+                    for chunk in closing(event):
+                        yield _sse(chunk)
+                    yield _sse("[DONE]")
+                    return
+        except InferenceError as error:
+            yield _sse(_error_body(error))
+        finally:
+            stream.cancel()  # the client went away: the engine drops the row
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _openai_stream(
+    stream: GenerationStream,
+    identity: Chunk,
+    choice: Callable[[str | None, str | None], Chunk],
+    options: StreamOptions | None,
+    opening: Chunk | None = None,
+) -> StreamingResponse:
+    """OpenAI's chunks: one choice per delta, the finish reason in a last choice, then the
+    usage in a chunk with no choice if `stream_options.include_usage` asks for it."""
+
+    def closing(finished: Finished) -> list[Chunk]:
+        chunks = [{**identity, "choices": [choice(None, finished.finish_reason)]}]
+        if options is not None and options.include_usage:
+            chunks.append({**identity, "choices": [], "usage": finished.usage.as_dict()})
+        return chunks
+
+    return _event_stream(
+        stream,
+        opening=[] if opening is None else [{**identity, "choices": [opening]}],
+        delta=lambda text: {**identity, "choices": [choice(text, None)]},
+        closing=closing,
+    )
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    model = await _resolve(request, model=body.model, job_id=None)
+    max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    stream = await _start(
+        request, model, _messages(body.messages), _params(request, body, max_tokens, param)
+    )
+    identity = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time())}
+    identity["model"] = model.name
+    if not body.stream:
+        done = await _finish(stream)
+        return ChatCompletion(
+            **identity,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=done.text), finish_reason=done.finish_reason
+                )
+            ],
+            usage=UsageObject.of(done.usage),
+        )
+    return _openai_stream(
+        stream,
+        {**identity, "object": "chat.completion.chunk"},
+        lambda text, finish_reason: {
+            "index": 0,
+            "delta": {} if text is None else {"content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        },
+        body.stream_options,
+        opening={
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        },
+    )
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    model = await _resolve(request, model=body.model, job_id=None)
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    stream = await _start(
+        request,
+        model,
+        Prompt(text=text, param="prompt"),
+        _params(request, body, body.max_tokens, "max_tokens"),
+    )
+    identity = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time())}
+    identity["model"] = model.name
+    if not body.stream:
+        done = await _finish(stream)
+        return Completion(
+            **identity,
+            choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
+            usage=UsageObject.of(done.usage),
+        )
+    return _openai_stream(
+        stream,
+        {**identity, "object": "text_completion"},
+        lambda text, finish_reason: {
+            "index": 0,
+            "text": text or "",
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        },
+        body.stream_options,
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    if (body.model is None) == (body.job_id is None):
+        raise APIError(
+            400, "give exactly one of model and job_id", param="model", code="invalid_request"
+        )
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(
+            400, "give exactly one of prompt and messages", param="prompt", code="invalid_request"
+        )
+    model = await _resolve(request, model=body.model, job_id=body.job_id)
+    param = "job_id" if body.job_id is not None else "model"
+    prompt = (
+        _messages(body.messages)
+        if body.messages is not None
+        else Prompt(text=body.prompt, param="prompt")
+    )
+    params = _params(request, body, body.max_new_tokens, "max_new_tokens")
+    try:
+        stream = await _start(request, model, prompt, params)
+    except APIError as error:
+        if error.param == "model":
+            error.param = param
+        raise
+    if not body.stream:
+        done = await _finish(stream)
+        return GenerateResponse(
+            model=model.name,
+            text=done.text,
+            finish_reason=done.finish_reason,
+            usage=UsageObject.of(done.usage),
+        )
+    return _event_stream(
+        stream,
+        opening=[],
+        delta=lambda text: {"model": model.name, "text": text, "finish_reason": None},
+        closing=lambda finished: [
+            {
+                "model": model.name,
+                "text": "",
+                "finish_reason": finished.finish_reason,
+                "usage": finished.usage.as_dict(),
+            }
+        ],
+    )

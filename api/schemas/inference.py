@@ -1,0 +1,157 @@
+"""Request and response bodies of `/v1/chat/completions`, `/v1/completions`, `/generate`
+and `/v1/models`, in OpenAI's shapes. Requests are strict: a wrong type or an unknown field
+(`logprobs`, `tools` ...) is a 400 naming it, not something silently ignored."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from afina.worker.inference.protocol import FinishReason, Usage
+
+MAX_STOP_STRINGS = 4
+
+Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding.")]
+TopP = Annotated[float, Field(gt=0, le=1)]
+MaxTokens = Annotated[int, Field(ge=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+IGNORE_EOS = "afina's extension: generate up to the token limit past end-of-sequence."
+ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
+Text = Annotated[str, Field(max_length=4 * 1024 * 1024)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=256)]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = Field(default=None, description="Only one choice is generated.")
+    user: str | None = Field(default=None, max_length=256)
+    ignore_eos: bool = Field(default=False, description=IGNORE_EOS)
+
+
+class ChatCompletionRequest(_Sampling):
+    model: ModelName
+    messages: Messages
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+
+
+class CompletionRequest(_Sampling):
+    model: ModelName
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    max_tokens: MaxTokens | None = Field(default=16, description="16 if not given, as OpenAI.")
+
+
+class GenerateRequest(_Strict):
+    """`POST /generate`: a fine-tuned model by name or by its job's id, and a prompt or
+    chat messages."""
+
+    model: ModelName | None = None
+    job_id: ModelName | None = None
+    prompt: Text | None = None
+    messages: Messages | None = None
+    max_new_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    stream: bool | None = False
+    ignore_eos: bool = Field(default=False, description=IGNORE_EOS)
+
+
+class UsageObject(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> "UsageObject":
+        return cls(**usage.as_dict())
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: UsageObject
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageObject
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageObject
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = Field(default=None, description="A fine-tuned model's base model.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -1,0 +1,156 @@
+"""Which models a caller can generate with, and what a `model` name means to the engine.
+
+A name is one of:
+- a fine-tuned model, `ft:...` (a succeeded job's `fine_tuned_model`), or its job's id;
+- a checkpoint, `{job id}:ckpt-step-{n}` (any job's, even one still running);
+- a base model that `GET /v1/models` lists: a literal entry of AFINA_ALLOWED_MODELS, or the
+  base of one of the caller's succeeded jobs. Any other name is a 404, so a typo never
+  makes the server try to download a model.
+A fine-tuned model is served on its base quantized as it was trained; a base model called
+by name gets the default quantization (4-bit NF4).
+"""
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from afina.api.deps import owned_row
+from afina.api.errors import APIError, shown_id
+from afina.api.schemas.files import unix_seconds
+from afina.api.schemas.inference import ModelObject
+from afina.core.base_models import ModelRefused, check_allowed
+from afina.core.job_config import JobConfig
+from afina.core.settings import Settings
+from afina.core.storage import ArtifactStorage, adapter_key, checkpoint_key
+from afina.models import Job, JobCheckpoint, JobStatus
+from afina.worker.inference.protocol import AdapterSpec, BaseModelSpec, ModelSpec
+
+_CHECKPOINT = re.compile(r"(?P<job>ftjob-[A-Za-z0-9]+):ckpt-step-(?P<step>[0-9]{1,9})")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _not_found(name: str, param: str) -> APIError:
+    return APIError(
+        404,
+        f"No model {shown_id(name)}: GET /v1/models lists the models you can call",
+        param=param,
+        code="model_not_found",
+    )
+
+
+def _base_spec(job: Job) -> BaseModelSpec:
+    return BaseModelSpec(job.model, JobConfig.model_validate(job.config).quantization)
+
+
+def _adapter(storage: ArtifactStorage, spec: ModelSpec, param: str) -> ModelSpec:
+    assert spec.adapter is not None
+    if not storage.exists(spec.adapter.key):
+        raise APIError(
+            404,
+            f"the adapter files of {shown_id(spec.name)} are missing from storage",
+            param=param,
+            code="adapter_not_found",
+        )
+    return spec
+
+
+def _job_model(db: Session, storage: ArtifactStorage, job: Job | None, name: str, param: str):
+    if job is None:
+        raise _not_found(name, param)
+    if job.status != JobStatus.SUCCEEDED or job.fine_tuned_model is None:
+        raise APIError(
+            409,
+            f"job {job.id} is {job.status.value}: its model can be used once it has succeeded",
+            param=param,
+            code="model_not_ready",
+        )
+    spec = ModelSpec(
+        job.fine_tuned_model,
+        _base_spec(job),
+        AdapterSpec(adapter_key(job.id), job.fine_tuned_model),
+    )
+    return _adapter(storage, spec, param)
+
+
+def resolve_job(
+    db: Session, storage: ArtifactStorage, project: str, job_id: str, param: str = "job_id"
+) -> ModelSpec:
+    return _job_model(db, storage, owned_row(db, Job, job_id, "ftjob", project), job_id, param)
+
+
+def resolve_model(
+    db: Session,
+    settings: Settings,
+    storage: ArtifactStorage,
+    project: str,
+    name: str,
+    param: str = "model",
+) -> ModelSpec:
+    if name.startswith("ft:"):
+        job = db.scalars(
+            select(Job).where(Job.project == project, Job.fine_tuned_model == name)
+        ).first()
+        return _job_model(db, storage, job, name, param)
+    if name.startswith("ftjob-") and ":" not in name:
+        return resolve_job(db, storage, project, name, param)
+    if checkpoint := _CHECKPOINT.fullmatch(name):
+        job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
+        step = int(checkpoint["step"])
+        saved = (
+            job is not None
+            and db.scalars(
+                select(JobCheckpoint).where(
+                    JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
+                )
+            ).first()
+        )
+        if not saved:
+            raise _not_found(name, param)
+        key = checkpoint_key(job.id, step)
+        return _adapter(storage, ModelSpec(name, _base_spec(job), AdapterSpec(key, name)), param)
+    if name not in {model.id for model in base_models(db, settings, project)}:
+        raise _not_found(name, param)
+    return ModelSpec(name, BaseModelSpec(name))
+
+
+def base_models(db: Session, settings: Settings, project: str) -> list[ModelObject]:
+    """The literal entries of the allow-list, and the bases of the caller's succeeded jobs
+    that the allow-list still permits."""
+    names = [pattern for pattern in settings.allowed_models if not _GLOB.search(pattern)]
+    trained = db.execute(
+        select(Job.model, Job.created_at)
+        .where(Job.project == project, Job.status == JobStatus.SUCCEEDED)
+        .order_by(Job.created_at)
+    ).all()
+    first_used = {}
+    for model, created_at in trained:
+        first_used.setdefault(model, unix_seconds(created_at))
+    for model in first_used:
+        try:
+            check_allowed(model, settings.allowed_models)
+        except ModelRefused:
+            continue
+        if model not in names:
+            names.append(model)
+    return [
+        ModelObject(id=name, created=first_used.get(name, 0), owned_by="system") for name in names
+    ]
+
+
+def fine_tuned_models(db: Session, project: str) -> list[ModelObject]:
+    jobs = db.scalars(
+        select(Job)
+        .where(Job.project == project, Job.status == JobStatus.SUCCEEDED)
+        .order_by(Job.finished_at, Job.id)
+    )
+    return [
+        ModelObject(
+            id=job.fine_tuned_model,
+            created=unix_seconds(job.finished_at or job.created_at),
+            owned_by=project,
+            parent=job.model,
+        )
+        for job in jobs
+        if job.fine_tuned_model
+    ]

@@ -1,0 +1,1 @@
+"""Serving adapters: one base model shared by its adapters, batched generation."""

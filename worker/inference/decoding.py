@@ -1,0 +1,120 @@
+"""Decoding a batch of rows together, each with its own adapter, sampling, stops and length.
+
+Prompts are left-padded to one width and prefilled in one forward pass; then every step
+feeds each row's last token. A row that finishes (or whose client went away) leaves the
+batch, and the KV cache drops it, so the rest keep going at the cost of the rows still there.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from afina.worker.inference.protocol import Delta, Finished, FinishReason, GenerationStream, Usage
+from afina.worker.inference.text import IncrementalText
+
+
+@dataclass
+class Row:
+    stream: GenerationStream
+    adapter: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    text: IncrementalText
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    generated: int = 0
+    finished: bool = field(default=False)
+
+    def accept(self, token: int) -> bool:
+        """Take the next token; True once the row is done."""
+        self.generated += 1
+        if token in self.stop_ids:
+            return self._finish("stop")
+        delta = self.text.add(token)
+        if delta:
+            self.stream.post(Delta(delta))
+        if self.text.stopped:
+            return self._finish("stop")
+        if self.generated >= self.max_new_tokens:
+            return self._finish("length")
+        return False
+
+    def _finish(self, reason: FinishReason) -> bool:
+        rest = self.text.flush()
+        if rest:
+            self.stream.post(Delta(rest))
+        self.stream.post(Finished(reason, Usage(len(self.prompt_ids), self.generated)))
+        self.finished = True
+        return True
+
+
+def _sample(scores: torch.Tensor, row: Row) -> int:
+    """One token from a row's logits: softmax at its temperature, cut to its top-p nucleus,
+    drawn with its own generator (so a seed gives the same text in any batch)."""
+    probabilities = torch.softmax(scores.float().cpu() / row.temperature, dim=-1)
+    if row.top_p < 1:
+        ordered, order = probabilities.sort(descending=True)
+        outside = ordered.cumsum(0) - ordered > row.top_p  # the first token always stays
+        ordered[outside] = 0
+        probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+    return int(torch.multinomial(probabilities, 1, generator=row.generator))
+
+
+def _next_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    greedy = logits.argmax(dim=-1).tolist()
+    return [
+        greedy[i] if row.temperature == 0 else _sample(logits[i], row) for i, row in enumerate(rows)
+    ]
+
+
+def generate(model: torch.nn.Module, rows: list[Row], *, pad_id: int, by_adapter: bool) -> None:
+    """Run the rows until each has finished or been cancelled; events go to their streams.
+    `by_adapter`: the model is a peft model and each row names its adapter."""
+    device = next(model.parameters()).device
+    width = max(len(row.prompt_ids) for row in rows)
+    input_ids = torch.tensor(
+        [[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device
+    )
+    mask = torch.tensor(
+        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device
+    )
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        extra = {"adapter_names": [row.adapter for row in rows]} if by_adapter else {}
+        output = model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return output.logits[:, -1, :]
+
+    with torch.inference_mode():
+        logits = forward(input_ids)
+        while True:
+            tokens = _next_tokens(logits, rows)
+            keep = [
+                i
+                for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+                if not row.accept(token) and not row.stream.cancelled
+            ]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                rows = [rows[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = forward(torch.tensor(tokens, device=device)[:, None])

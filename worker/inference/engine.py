@@ -1,0 +1,163 @@
+"""The inference engine: one thread that batches waiting requests and runs them.
+
+It lives in the API process. `submit` is called on the event loop and only queues; the
+engine thread, started on the first request, imports torch then (so the API starts without
+it), loads models, and generates off the event loop, so health checks and job polling stay
+responsive while it works.
+
+Batching: an idle engine waits up to AFINA_BATCH_WINDOW_MS for company, then takes the
+oldest request and every waiting request on the same base model, up to
+AFINA_MAX_BATCH_SIZE rows and AFINA_MAX_LOADED_ADAPTERS distinct adapters; requests that
+arrive while a batch runs form the next one. Different adapters of one base share a batch.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from afina.core.settings import Settings
+from afina.core.storage import ArtifactStorage
+from afina.worker.inference.protocol import (
+    GenerationStream,
+    InferenceError,
+    ModelSpec,
+    Prompt,
+    SamplingParams,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    batches: int = 0
+    requests: int = 0
+    largest_batch: int = 0
+    loaded_adapters: tuple[str, ...] = ()
+
+
+class InferenceEngine:
+    def __init__(self, settings: Settings, storage: ArtifactStorage) -> None:
+        self._settings = settings
+        self._storage = storage
+        self._window = settings.batch_window_ms / 1000
+        self._waiting: list[tuple[float, GenerationStream]] = []
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._unavailable: InferenceError | None = None
+        self.stats = EngineStats()
+
+    def submit(self, model: ModelSpec, prompt: Prompt, params: SamplingParams) -> GenerationStream:
+        """Queue a request (on the caller's event loop); its events come on the stream."""
+        stream = GenerationStream(model, prompt, params)
+        with self._condition:
+            if self._unavailable is not None:
+                raise self._unavailable
+            if self._closed:
+                raise InferenceError(503, "the server is shutting down", code="shutting_down")
+            if len(self._waiting) >= self._settings.max_queued_generations:
+                raise InferenceError(
+                    429,
+                    f"{len(self._waiting)} generation requests are already waiting "
+                    "(AFINA_MAX_QUEUED_GENERATIONS): retry shortly",
+                    code="too_many_requests",
+                )
+            self._waiting.append((time.monotonic(), stream))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="afina-inference", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+        return stream
+
+    def close(self, timeout: float = 30) -> None:
+        """Refuse new requests, let the running batch end, fail what still waits."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._fail_waiting(InferenceError(503, "the server is shutting down", code="shutting_down"))
+
+    def _run(self) -> None:
+        try:
+            from afina.worker.inference.batch import serve_batch
+            from afina.worker.inference.models import ModelCache
+        except ImportError as error:  # an API node installed without the training extra
+            logger.exception("inference is not available")
+            with self._condition:
+                self._unavailable = InferenceError(
+                    503,
+                    f"inference is not available on this server: {error}",
+                    code="inference_unavailable",
+                )
+            self._fail_waiting(self._unavailable)
+            return
+        models = ModelCache(
+            storage=self._storage,
+            cache_dir=self._settings.data_dir / "cache",
+            max_bases=self._settings.max_loaded_base_models,
+            max_adapters=self._settings.max_loaded_adapters,
+            trust_remote_code=self._settings.trust_remote_code,
+        )
+        try:
+            while (batch := self._next_batch()) is not None:
+                try:
+                    serve_batch(models, batch, self._settings.max_new_tokens)
+                except Exception:
+                    logger.exception("a generation batch failed")
+                    failure = InferenceError(
+                        500, "The server had an error while generating.", code="internal_error"
+                    )
+                    for stream in batch:
+                        stream.post(failure)
+                self.stats = EngineStats(
+                    batches=self.stats.batches + 1,
+                    requests=self.stats.requests + len(batch),
+                    largest_batch=max(self.stats.largest_batch, len(batch)),
+                    loaded_adapters=tuple(models.loaded_adapters()),
+                )
+        finally:
+            models.close()
+
+    def _next_batch(self) -> list[GenerationStream] | None:
+        with self._condition:
+            while not self._closed:
+                self._waiting = [(t, s) for t, s in self._waiting if not s.cancelled]
+                if not self._waiting:
+                    self._condition.wait()
+                    continue
+                wait = self._waiting[0][0] + self._window - time.monotonic()
+                if wait > 0 and len(self._waiting) < self._settings.max_batch_size:
+                    self._condition.wait(wait)
+                    continue
+                return self._take_batch()
+            return None
+
+    def _take_batch(self) -> list[GenerationStream]:
+        base = self._waiting[0][1].model.base.key
+        batch: list[GenerationStream] = []
+        adapters: set[str | None] = set()
+        for _, stream in self._waiting:
+            if len(batch) == self._settings.max_batch_size:
+                break
+            if stream.model.base.key != base:
+                continue
+            adapter = stream.model.adapter.key if stream.model.adapter else None
+            new_adapter = adapter is not None and adapter not in adapters
+            if new_adapter and len(adapters - {None}) == self._settings.max_loaded_adapters:
+                continue
+            adapters.add(adapter)
+            batch.append(stream)
+        self._waiting = [(t, s) for t, s in self._waiting if s not in batch]
+        return batch
+
+    def _fail_waiting(self, error: InferenceError) -> None:
+        with self._condition:
+            waiting, self._waiting = self._waiting, []
+        for _, stream in waiting:
+            stream.post(error)

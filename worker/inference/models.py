@@ -1,0 +1,188 @@
+"""The models the engine holds: base models, least recently used first out beyond
+AFINA_MAX_LOADED_BASE_MODELS, and the adapters on them, least recently used first out
+beyond AFINA_MAX_LOADED_ADAPTERS (counted across all bases).
+
+All of a base's adapters are loaded into one peft model under their own names, so one
+forward pass can apply a different adapter to each row of a batch (`adapter_names`).
+Used from the engine thread only.
+"""
+
+import gc
+import itertools
+import logging
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from afina.core.base_models import max_length
+from afina.core.storage import ArtifactStorage
+from afina.worker.inference.prompts import Stops, end_of_turn, eos_ids
+from afina.worker.inference.protocol import AdapterSpec, BaseModelSpec, InferenceError
+from afina.worker.model_loading import ModelLoadError, load_base_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+NO_ADAPTER = "__base__"  # peft's name for "no adapter on this row"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer and where generation with it stops."""
+
+    tokenizer: Any
+    eos: frozenset[int]
+    end_of_turn: Stops
+
+    @classmethod
+    def of(cls, model: Any, tokenizer: Any) -> "Vocabulary":
+        return cls(tokenizer, eos_ids(model, tokenizer), end_of_turn(tokenizer))
+
+
+@dataclass
+class LoadedBase:
+    spec: BaseModelSpec
+    model: Any  # the transformers model, wrapped in a PeftModel once an adapter is loaded
+    vocabulary: Vocabulary
+    context_length: int | None
+    adapters: dict[str, tuple[str, Vocabulary]] = field(default_factory=dict)
+
+    @property
+    def takes_adapter_names(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+
+def _model_error(error: Exception) -> InferenceError:
+    if isinstance(error, torch.OutOfMemoryError):
+        return InferenceError(
+            503, "not enough GPU memory to load the model", param="model", code="out_of_memory"
+        )
+    return InferenceError(409, str(error), param="model", code="model_load_failed")
+
+
+class ModelCache:
+    def __init__(
+        self,
+        *,
+        storage: ArtifactStorage,
+        cache_dir: Path,
+        max_bases: int,
+        max_adapters: int,
+        trust_remote_code: bool,
+    ) -> None:
+        self._storage = storage
+        self._cache_dir = cache_dir
+        self._max_bases = max_bases
+        self._max_adapters = max_adapters
+        self._trust_remote_code = trust_remote_code
+        self._bases: OrderedDict[tuple[str, str], LoadedBase] = OrderedDict()
+        self._adapters: OrderedDict[tuple[tuple[str, str], str], None] = OrderedDict()
+        self._names = (f"adapter_{n}" for n in itertools.count())
+
+    def loaded_adapters(self) -> list[str]:
+        """Storage keys of the loaded adapters, least recently used first."""
+        return [key for _, key in self._adapters]
+
+    def base(self, spec: BaseModelSpec) -> LoadedBase:
+        loaded = self._bases.get(spec.key)
+        if loaded is not None:
+            self._bases.move_to_end(spec.key)
+            return loaded
+        while len(self._bases) >= self._max_bases:
+            self._unload_base(next(iter(self._bases)))
+        try:
+            model = load_base_model(
+                spec.model,
+                quantization=spec.quantization,
+                trust_remote_code=self._trust_remote_code,
+            )
+            tokenizer = load_tokenizer(spec.model, trust_remote_code=self._trust_remote_code)
+        except (ModelLoadError, torch.OutOfMemoryError) as error:
+            raise _model_error(error) from error
+        model.eval()
+        loaded = LoadedBase(
+            spec, model, Vocabulary.of(model, tokenizer), max_length(model.config.to_dict())
+        )
+        self._bases[spec.key] = loaded
+        logger.info("loaded base model %s", spec.model)
+        return loaded
+
+    def adapter(self, base: LoadedBase, spec: AdapterSpec) -> tuple[str, Vocabulary]:
+        """The adapter's name in the base's peft model, and its vocabulary (the tokenizer
+        saved with it, so chat uses the template it was trained with)."""
+        entry = (base.spec.key, spec.key)
+        if entry in self._adapters:
+            self._adapters.move_to_end(entry)
+            return base.adapters[spec.key]
+        while len(self._adapters) >= self._max_adapters:
+            self._unload_adapter(*next(iter(self._adapters)))
+        directory = self._fetch(spec)
+        name = next(self._names)
+        try:
+            if base.takes_adapter_names:
+                base.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+            else:
+                base.model = PeftModel.from_pretrained(
+                    base.model, str(directory), adapter_name=name, is_trainable=False
+                )
+            vocabulary = base.vocabulary
+            if (directory / "tokenizer_config.json").is_file():
+                tokenizer = load_tokenizer(str(directory), trust_remote_code=False)
+                vocabulary = Vocabulary.of(base.model, tokenizer)
+        except Exception as error:
+            if base.takes_adapter_names and name in base.model.peft_config:
+                base.model.delete_adapter(name)
+                if not base.adapters:
+                    base.model = base.model.unload()
+            raise _model_error(
+                ModelLoadError(f"cannot load the adapter of {spec.key!r}: {error}")
+            ) from error
+        base.adapters[spec.key] = (name, vocabulary)
+        self._adapters[entry] = None
+        logger.info("loaded adapter %s on %s", spec.key, base.spec.model)
+        return name, vocabulary
+
+    def close(self) -> None:
+        for key in list(self._bases):
+            self._unload_base(key)
+
+    def _fetch(self, spec: AdapterSpec) -> Path:
+        try:
+            directory = self._storage.local_directory(spec.key, self._cache_dir)
+        except FileNotFoundError:
+            directory = None
+        if directory is None or not (directory / "adapter_config.json").is_file():
+            raise InferenceError(
+                404,
+                f"the adapter files of {spec.name!r} are missing from storage",
+                param="model",
+                code="adapter_not_found",
+            )
+        return directory
+
+    def _unload_adapter(self, base_key: tuple[str, str], adapter_key: str) -> None:
+        del self._adapters[(base_key, adapter_key)]
+        base = self._bases[base_key]
+        name, _ = base.adapters.pop(adapter_key)
+        if base.adapters:
+            with warnings.catch_warnings():  # "adapter ... was active": no adapter is active
+                warnings.simplefilter("ignore")
+                base.model.delete_adapter(name)
+        else:  # peft keeps naming a deleted last adapter active: go back to the plain model
+            base.model = base.model.unload()
+        logger.info("unloaded adapter %s", adapter_key)
+
+    def _unload_base(self, key: tuple[str, str]) -> None:
+        base = self._bases[key]
+        for adapter_key in list(base.adapters):
+            self._unload_adapter(key, adapter_key)
+        del self._bases[key]
+        base.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("unloaded base model %s", key[0])
