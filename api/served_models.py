@@ -55,9 +55,27 @@ def _adapter(storage: ArtifactStorage, spec: ModelSpec, param: str) -> ModelSpec
     return spec
 
 
-def _job_model(db: Session, storage: ArtifactStorage, job: Job | None, name: str, param: str):
+def _allowed(model: str, settings: Settings) -> bool:
+    try:
+        check_allowed(model, settings.allowed_models)
+    except ModelRefused:
+        return False
+    return True
+
+
+def _job_model(
+    settings: Settings, storage: ArtifactStorage, job: Job | None, name: str, param: str
+) -> ModelSpec:
     if job is None:
         raise _not_found(name, param)
+    if not _allowed(job.model, settings):
+        raise APIError(
+            403,
+            f"the base model of {shown_id(name)}, {job.model!r}, is no longer in "
+            "AFINA_ALLOWED_MODELS",
+            param=param,
+            code="model_not_allowed",
+        )
     if job.status != JobStatus.SUCCEEDED or job.fine_tuned_model is None:
         raise APIError(
             409,
@@ -74,9 +92,15 @@ def _job_model(db: Session, storage: ArtifactStorage, job: Job | None, name: str
 
 
 def resolve_job(
-    db: Session, storage: ArtifactStorage, project: str, job_id: str, param: str = "job_id"
+    db: Session,
+    settings: Settings,
+    storage: ArtifactStorage,
+    project: str,
+    job_id: str,
+    param: str = "job_id",
 ) -> ModelSpec:
-    return _job_model(db, storage, owned_row(db, Job, job_id, "ftjob", project), job_id, param)
+    job = owned_row(db, Job, job_id, "ftjob", project)
+    return _job_model(settings, storage, job, job_id, param)
 
 
 def resolve_model(
@@ -91,9 +115,9 @@ def resolve_model(
         job = db.scalars(
             select(Job).where(Job.project == project, Job.fine_tuned_model == name)
         ).first()
-        return _job_model(db, storage, job, name, param)
+        return _job_model(settings, storage, job, name, param)
     if name.startswith("ftjob-") and ":" not in name:
-        return resolve_job(db, storage, project, name, param)
+        return resolve_job(db, settings, storage, project, name, param)
     if checkpoint := _CHECKPOINT.fullmatch(name):
         job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
         step = int(checkpoint["step"])
@@ -106,6 +130,8 @@ def resolve_model(
             ).first()
         )
         if not saved:
+            raise _not_found(name, param)
+        if not _allowed(job.model, settings):
             raise _not_found(name, param)
         key = checkpoint_key(job.id, step)
         return _adapter(storage, ModelSpec(name, _base_spec(job), AdapterSpec(key, name)), param)
@@ -126,19 +152,14 @@ def base_models(db: Session, settings: Settings, project: str) -> list[ModelObje
     first_used = {}
     for model, created_at in trained:
         first_used.setdefault(model, unix_seconds(created_at))
-    for model in first_used:
-        try:
-            check_allowed(model, settings.allowed_models)
-        except ModelRefused:
-            continue
-        if model not in names:
-            names.append(model)
+    names += [m for m in first_used if m not in names and _allowed(m, settings)]
     return [
         ModelObject(id=name, created=first_used.get(name, 0), owned_by="system") for name in names
     ]
 
 
-def fine_tuned_models(db: Session, project: str) -> list[ModelObject]:
+def fine_tuned_models(db: Session, settings: Settings, project: str) -> list[ModelObject]:
+    """The caller's succeeded jobs' models whose base the allow-list still permits."""
     jobs = db.scalars(
         select(Job)
         .where(Job.project == project, Job.status == JobStatus.SUCCEEDED)
@@ -152,5 +173,5 @@ def fine_tuned_models(db: Session, project: str) -> list[ModelObject]:
             parent=job.model,
         )
         for job in jobs
-        if job.fine_tuned_model
+        if job.fine_tuned_model and _allowed(job.model, settings)
     ]

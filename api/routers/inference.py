@@ -6,6 +6,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -41,6 +42,8 @@ from afina.worker.inference.protocol import (
 
 router = APIRouter(tags=["inference"])
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
 Chunk = dict[str, Any]
 
 
@@ -61,7 +64,7 @@ async def _resolve(request: Request, *, model: str | None, job_id: str | None) -
     def lookup() -> ModelSpec:
         with state.session_factory() as db:
             if job_id is not None:
-                return resolve_job(db, state.storage, request.state.project, job_id)
+                return resolve_job(db, state.settings, state.storage, request.state.project, job_id)
             assert model is not None
             return resolve_model(db, state.settings, state.storage, request.state.project, model)
 
@@ -88,12 +91,11 @@ def _params(
             param=max_tokens_param,
             code="invalid_value",
         )
-    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        stop=tuple(stop),
+        stop=tuple(body.stop or ()),
         seed=body.seed,
         ignore_eos=body.ignore_eos,
         max_tokens_param=max_tokens_param,
@@ -231,13 +233,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     model = await _resolve(request, model=body.model, job_id=None)
-    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    stream = await _start(
-        request,
-        model,
-        Prompt(text=text, param="prompt"),
-        _params(request, body, body.max_tokens, "max_tokens"),
-    )
+    params = _params(request, body, body.max_tokens, "max_tokens")
+    if body.max_tokens is None:  # OpenAI's default for completions, not the whole context
+        params = replace(params, default_max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    stream = await _start(request, model, Prompt(text=body.prompt[0], param="prompt"), params)
     identity = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time())}
     identity["model"] = model.name
     if not body.stream:

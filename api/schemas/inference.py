@@ -2,9 +2,9 @@
 and `/v1/models`, in OpenAI's shapes. Requests are strict: a wrong type or an unknown field
 (`logprobs`, `tools` ...) is a 400 naming it, not something silently ignored."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from afina.worker.inference.protocol import FinishReason, Usage
 
@@ -13,12 +13,34 @@ MAX_STOP_STRINGS = 4
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding.")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxTokens = Annotated[int, Field(ge=1)]
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
-Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 IGNORE_EOS = "afina's extension: generate up to the token limit past end-of-sequence."
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 Text = Annotated[str, Field(max_length=4 * 1024 * 1024)]
+
+
+def _one_or_list(wrap: Any, item_schema: dict[str, Any]) -> tuple[Any, ...]:
+    """A field that takes one item or a list of them, validated as a list: a union would
+    put pydantic's type tags (`stop.constrained-str`) into the field an error names."""
+
+    def as_list(value: Any) -> Any:
+        return [wrap(value)] if isinstance(value, str) else value
+
+    schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": item_schema}]}
+    return BeforeValidator(as_list), WithJsonSchema(schema)
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = Annotated[
+    list[StopString],
+    Field(max_length=MAX_STOP_STRINGS),
+    *_one_or_list(str, {"type": "string", "minLength": 1, "maxLength": 256}),
+]
+PromptText = Annotated[
+    list[Text],
+    Field(min_length=1, max_length=1, description="One prompt."),
+    *_one_or_list(str, {"type": "string"}),
+]
 
 
 class _Strict(BaseModel):
@@ -30,14 +52,23 @@ class TextPart(_Strict):
     text: Text
 
 
+_TEXT_PART_SCHEMA = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=256)]
+    content: Annotated[
+        list[TextPart],
+        Field(min_length=1, max_length=256),
+        *_one_or_list(lambda text: {"type": "text", "text": text}, _TEXT_PART_SCHEMA),
+    ]
     name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
         return "".join(part.text for part in self.content)
 
 
@@ -69,8 +100,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     model: ModelName
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
-    max_tokens: MaxTokens | None = Field(default=16, description="16 if not given, as OpenAI.")
+    prompt: PromptText
+    max_tokens: MaxTokens | None = Field(default=None, description="16 if not given, as OpenAI.")
 
 
 class GenerateRequest(_Strict):

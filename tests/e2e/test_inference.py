@@ -306,7 +306,7 @@ def test_the_adapter_cache_keeps_at_most_its_bound(stack, trained):
 
 def test_health_answers_while_a_generation_runs(server, trained, demo_model):
     url, app = server
-    before = app.state.inference.stats.batches
+    before = app.state.inference.stats.batches_done
     body = {
         "model": str(demo_model),
         "prompt": "Tell me a long story.",
@@ -321,7 +321,7 @@ def test_health_answers_while_a_generation_runs(server, trained, demo_model):
         assert next(lines).startswith("data: ")  # the first token is out: the batch runs
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/v1/fine_tuning/jobs").status_code == 200
-        running = app.state.inference.stats.batches == before
+        running = app.state.inference.stats.batches_done == before
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert running, "health and job polling waited for the generation to end"
     assert events[-1]["usage"]["completion_tokens"] == 480
@@ -352,3 +352,14 @@ def test_errors_name_the_field_and_never_reach_500(client, server, trained, stac
         assert_error(response, 404, "job_id", "adapter_not_found")
     finally:
         hidden.rename(adapter)
+
+
+def test_completions_default_to_16_tokens_within_the_servers_ceiling(stack, trained):
+    model = trained["yes"]["fine_tuned_model"]
+    body = {"model": model, "prompt": "Hello", "ignore_eos": True}
+    with serving(stack) as (url, _):
+        usage = httpx.post(f"{url}/v1/completions", json=body).json()["usage"]
+        assert usage["completion_tokens"] == 16  # OpenAI's default, not the whole context
+    with serving(stack, max_new_tokens=8) as (url, _):
+        usage = httpx.post(f"{url}/v1/completions", json=body).json()["usage"]
+        assert usage["completion_tokens"] == 8

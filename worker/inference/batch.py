@@ -55,7 +55,7 @@ def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling
         stream=stream,
         adapter=adapter,
         prompt_ids=ids,
-        max_new_tokens=min(wanted or ceiling, room),
+        max_new_tokens=min(wanted or params.default_max_new_tokens or ceiling, ceiling, room),
         stop_ids=stop_ids,
         text=IncrementalText(
             lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True),

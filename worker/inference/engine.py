@@ -14,7 +14,8 @@ arrive while a batch runs form the next one. Different adapters of one base shar
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
@@ -31,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineStats:
+    """Counted when a batch is taken; adapters as loaded before any request of it starts."""
+
     batches: int = 0
+    batches_done: int = 0
     requests: int = 0
     largest_batch: int = 0
     loaded_adapters: tuple[str, ...] = ()
@@ -47,7 +51,13 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._unavailable: InferenceError | None = None
-        self.stats = EngineStats()
+        self._stats = EngineStats()
+        self._models: Any = None  # the ModelCache, made by the engine thread
+
+    @property
+    def stats(self) -> EngineStats:
+        loaded = () if self._models is None else self._models.loaded_adapters
+        return replace(self._stats, loaded_adapters=loaded)
 
     def submit(self, model: ModelSpec, prompt: Prompt, params: SamplingParams) -> GenerationStream:
         """Queue a request (on the caller's event loop); its events come on the stream."""
@@ -97,7 +107,7 @@ class InferenceEngine:
                 )
             self._fail_waiting(self._unavailable)
             return
-        models = ModelCache(
+        self._models = models = ModelCache(
             storage=self._storage,
             cache_dir=self._settings.data_dir / "cache",
             max_bases=self._settings.max_loaded_base_models,
@@ -106,6 +116,12 @@ class InferenceEngine:
         )
         try:
             while (batch := self._next_batch()) is not None:
+                self._stats = replace(
+                    self._stats,
+                    batches=self._stats.batches + 1,
+                    requests=self._stats.requests + len(batch),
+                    largest_batch=max(self._stats.largest_batch, len(batch)),
+                )
                 try:
                     serve_batch(models, batch, self._settings.max_new_tokens)
                 except Exception:
@@ -115,12 +131,7 @@ class InferenceEngine:
                     )
                     for stream in batch:
                         stream.post(failure)
-                self.stats = EngineStats(
-                    batches=self.stats.batches + 1,
-                    requests=self.stats.requests + len(batch),
-                    largest_batch=max(self.stats.largest_batch, len(batch)),
-                    loaded_adapters=tuple(models.loaded_adapters()),
-                )
+                self._stats = replace(self._stats, batches_done=self._stats.batches_done + 1)
         finally:
             models.close()
 

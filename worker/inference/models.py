@@ -82,10 +82,11 @@ class ModelCache:
         self._bases: OrderedDict[tuple[str, str], LoadedBase] = OrderedDict()
         self._adapters: OrderedDict[tuple[tuple[str, str], str], None] = OrderedDict()
         self._names = (f"adapter_{n}" for n in itertools.count())
+        self.loaded_adapters: tuple[str, ...] = ()  # storage keys, least recently used first
 
-    def loaded_adapters(self) -> list[str]:
-        """Storage keys of the loaded adapters, least recently used first."""
-        return [key for _, key in self._adapters]
+    def _note_adapters(self) -> None:
+        # A fresh tuple each change: other threads read it without a lock.
+        self.loaded_adapters = tuple(key for _, key in self._adapters)
 
     def base(self, spec: BaseModelSpec) -> LoadedBase:
         loaded = self._bases.get(spec.key)
@@ -117,6 +118,7 @@ class ModelCache:
         entry = (base.spec.key, spec.key)
         if entry in self._adapters:
             self._adapters.move_to_end(entry)
+            self._note_adapters()
             return base.adapters[spec.key]
         while len(self._adapters) >= self._max_adapters:
             self._unload_adapter(*next(iter(self._adapters)))
@@ -143,6 +145,7 @@ class ModelCache:
             ) from error
         base.adapters[spec.key] = (name, vocabulary)
         self._adapters[entry] = None
+        self._note_adapters()
         logger.info("loaded adapter %s on %s", spec.key, base.spec.model)
         return name, vocabulary
 
@@ -166,6 +169,7 @@ class ModelCache:
 
     def _unload_adapter(self, base_key: tuple[str, str], adapter_key: str) -> None:
         del self._adapters[(base_key, adapter_key)]
+        self._note_adapters()
         base = self._bases[base_key]
         name, _ = base.adapters.pop(adapter_key)
         if base.adapters:

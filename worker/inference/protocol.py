@@ -67,7 +67,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int | None = None  # None: up to the context or AFINA_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None  # asked for: more than the context holds is an error
+    default_max_new_tokens: int | None = None  # if not asked: this, or what the context holds
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()

@@ -27,7 +27,7 @@ class IncrementalText:
     def add(self, token_id: int) -> str:
         """Take one generated token; return the text now safe to send (maybe "")."""
         self._ids.append(token_id)
-        if not self._decode_pending(complete_only=True):
+        if self.stopped or not self._decode_pending(complete_only=True):
             return ""
         return self._release()
 
