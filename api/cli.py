@@ -58,6 +58,9 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+
 def _exit_cleanly(_signal: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -95,6 +98,8 @@ def serve(
             host=host,
             port=port,
             log_level=settings.log_level.lower(),
+            # Open streams (a long generation) get this long to end before they are cut.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
     finally:
         if worker is not None:

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from afina.core.fields import field_path
 
-_CODES = {404: "not_found", 405: "method_not_allowed"}
+_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 class APIError(HTTPException):

@@ -2,12 +2,13 @@
 `POST /generate` (afina's), each answered whole or, with `stream: true`, as server-sent
 events token by token. The inference engine does the work off the event loop."""
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -33,6 +34,7 @@ from afina.worker.inference.engine import InferenceEngine
 from afina.worker.inference.protocol import (
     Delta,
     Finished,
+    GeneratedText,
     GenerationStream,
     InferenceError,
     ModelSpec,
@@ -45,6 +47,7 @@ router = APIRouter(tags=["inference"])
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 Chunk = dict[str, Any]
+T = TypeVar("T")
 
 
 def _api_error(error: InferenceError) -> APIError:
@@ -102,6 +105,34 @@ def _params(
     )
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body is read: what comes next is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _while_connected(request: Request, stream: GenerationStream, work: Awaitable[T]) -> T:
+    """Await `work` unless the client goes first: then the engine drops the request."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler is being cancelled (the server is stopping)
+        task.cancel()
+        stream.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():  # the client went first
+        task.cancel()
+        stream.cancel()
+        raise APIError(400, "the client closed the request", code="client_closed")
+    try:
+        return task.result()
+    except InferenceError as error:
+        raise _api_error(error) from None
+
+
 async def _start(
     request: Request, model: ModelSpec, prompt: Prompt, params: SamplingParams
 ) -> GenerationStream:
@@ -113,20 +144,16 @@ async def _start(
     except InferenceError as error:
         raise _api_error(error) from None
     try:
-        await stream.next_event()
-    except InferenceError as error:
-        raise _api_error(error) from None
+        await _while_connected(request, stream, stream.next_event())
     except BaseException:
         stream.cancel()
         raise
     return stream
 
 
-async def _finish(stream: GenerationStream):
+async def _finish(request: Request, stream: GenerationStream) -> GeneratedText:
     try:
-        return await stream.completion()
-    except InferenceError as error:
-        raise _api_error(error) from None
+        return await _while_connected(request, stream, stream.completion())
     finally:
         stream.cancel()  # a no-op when it finished; frees the row if this task was cancelled
 
@@ -201,7 +228,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     identity = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time())}
     identity["model"] = model.name
     if not body.stream:
-        done = await _finish(stream)
+        done = await _finish(request, stream)
         return ChatCompletion(
             **identity,
             choices=[
@@ -240,7 +267,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     identity = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time())}
     identity["model"] = model.name
     if not body.stream:
-        done = await _finish(stream)
+        done = await _finish(request, stream)
         return Completion(
             **identity,
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
@@ -284,7 +311,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             error.param = param
         raise
     if not body.stream:
-        done = await _finish(stream)
+        done = await _finish(request, stream)
         return GenerateResponse(
             model=model.name,
             text=done.text,

@@ -363,3 +363,34 @@ def test_completions_default_to_16_tokens_within_the_servers_ceiling(stack, trai
     with serving(stack, max_new_tokens=8) as (url, _):
         usage = httpx.post(f"{url}/v1/completions", json=body).json()["usage"]
         assert usage["completion_tokens"] == 8
+
+
+def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack, trained):
+    body = {
+        "model": trained["no"]["fine_tuned_model"],
+        "prompt": "One, two, three,",
+        "max_new_tokens": 12,
+    }
+    answers: dict[float, httpx.Response] = {}
+
+    def call(temperature: float) -> None:
+        url_body = {**body, "temperature": temperature}
+        answers[temperature] = httpx.post(f"{url}/generate", json=url_body, timeout=60)
+
+    with serving(stack, batch_window_ms=2000) as (url, app):
+        threads = [threading.Thread(target=call, args=(t,)) for t in (0, 1e-40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert app.state.inference.stats.largest_batch == 2
+    assert [answers[t].status_code for t in (0, 1e-40)] == [200, 200]
+    assert answers[1e-40].json()["text"] == answers[0].json()["text"]
+
+
+def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(server, trained):
+    url, _ = server
+    body = {"model": trained["yes"]["fine_tuned_model"], "messages": ask("x" * 40_000)}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    error = assert_error(response, 400, "messages", "context_length_exceeded")
+    assert "40" in error["message"]

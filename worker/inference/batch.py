@@ -4,6 +4,7 @@ A request that cannot be served (its adapter is missing, its prompt too long) ge
 error and leaves the batch; the others go on. Nothing here raises to the engine's loop.
 """
 
+import hashlib
 import logging
 import secrets
 
@@ -12,10 +13,41 @@ import torch
 from afina.worker.inference.decoding import Row, generate
 from afina.worker.inference.models import NO_ADAPTER, LoadedBase, ModelCache
 from afina.worker.inference.prompts import prompt_ids
-from afina.worker.inference.protocol import GenerationStream, InferenceError, Started
+from afina.worker.inference.protocol import (
+    GenerationStream,
+    InferenceError,
+    Prompt,
+    Started,
+    internal_error,
+)
 from afina.worker.inference.text import IncrementalText
 
 logger = logging.getLogger(__name__)
+
+MAX_CHARACTERS_PER_TOKEN = 64  # above any tokenizer's longest token
+
+
+def _generator_seed(seed: int | None) -> int:
+    """A request's seed (any int64 or uint64) as a distinct generator seed: torch folds
+    some values together (0, 2**63 and -2**63 give the same numbers)."""
+    if seed is None:
+        return secrets.randbits(62)
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+    return int.from_bytes(digest) >> 2
+
+
+def _check_size(prompt: Prompt, context_length: int | None) -> None:
+    """Refuse, before tokenizing it on the engine thread (where everyone waits), a prompt
+    too long for the context whatever its tokens."""
+    characters = len(prompt.text or "") + sum(len(text) for _, text in prompt.messages or ())
+    if context_length is not None and characters > context_length * MAX_CHARACTERS_PER_TOKEN:
+        raise InferenceError(
+            400,
+            f"the prompt is {characters} characters: far more than the model's context of "
+            f"{context_length} tokens holds",
+            param=prompt.param,
+            code="context_length_exceeded",
+        )
 
 
 def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling: int) -> Row:
@@ -23,6 +55,7 @@ def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling
     if stream.model.adapter is not None:
         adapter, vocabulary = models.adapter(base, stream.model.adapter)
     tokenizer, prompt, params = vocabulary.tokenizer, stream.prompt, stream.params
+    _check_size(prompt, base.context_length)
     ids = prompt_ids(tokenizer, prompt)
     room = ceiling if base.context_length is None else base.context_length - len(ids)
     if room < 1:
@@ -49,8 +82,7 @@ def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling
     stop_strings = params.stop + (vocabulary.end_of_turn.strings if chat else ())
     generator = None
     if params.temperature > 0:
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(_generator_seed(params.seed))
     return Row(
         stream=stream,
         adapter=adapter,
@@ -81,6 +113,9 @@ def serve_batch(models: ModelCache, batch: list[GenerationStream], max_new_token
             rows.append(_row(models, base, stream, max_new_tokens))
         except InferenceError as error:
             stream.post(error)
+        except Exception:
+            logger.exception("preparing a generation request failed")
+            stream.post(internal_error())
     for row in rows:
         row.stream.post(Started(prompt_tokens=len(row.prompt_ids), batch_size=len(rows)))
     if not rows:
@@ -102,9 +137,7 @@ def serve_batch(models: ModelCache, batch: list[GenerationStream], max_new_token
             )
         else:
             logger.exception("generation failed")
-            failure = InferenceError(
-                500, "The server had an error while generating.", code="internal_error"
-            )
+            failure = internal_error()
         for row in rows:
             if not row.finished:
                 row.stream.post(failure)

@@ -5,14 +5,25 @@ feeds each row's last token. A row that finishes (or whose client went away) lea
 batch, and the KV cache drops it, so the rest keep going at the cost of the rows still there.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from afina.worker.inference.protocol import Delta, Finished, FinishReason, GenerationStream, Usage
+from afina.worker.inference.protocol import (
+    Delta,
+    Finished,
+    FinishReason,
+    GenerationStream,
+    InferenceError,
+    Usage,
+    internal_error,
+)
 from afina.worker.inference.text import IncrementalText
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,11 +38,13 @@ class Row:
     top_p: float = 1.0
     generator: torch.Generator | None = None
     generated: int = 0
+    last_token: int = -1
     finished: bool = field(default=False)
 
     def accept(self, token: int) -> bool:
         """Take the next token; True once the row is done."""
         self.generated += 1
+        self.last_token = token
         if token in self.stop_ids:
             return self._finish("stop")
         delta = self.text.add(token)
@@ -42,6 +55,10 @@ class Row:
         if self.generated >= self.max_new_tokens:
             return self._finish("length")
         return False
+
+    def fail(self, error: InferenceError) -> None:
+        self.stream.post(error)
+        self.finished = True
 
     def _finish(self, reason: FinishReason) -> bool:
         rest = self.text.flush()
@@ -55,7 +72,9 @@ class Row:
 def _sample(scores: torch.Tensor, row: Row) -> int:
     """One token from a row's logits: softmax at its temperature, cut to its top-p nucleus,
     drawn with its own generator (so a seed gives the same text in any batch)."""
-    probabilities = torch.softmax(scores.float().cpu() / row.temperature, dim=-1)
+    scores = scores.float().cpu()
+    # Shifted so the best score is 0: a tiny temperature then gives -inf, never inf - inf.
+    probabilities = torch.softmax((scores - scores.max()) / row.temperature, dim=-1)
     if row.top_p < 1:
         ordered, order = probabilities.sort(descending=True)
         outside = ordered.cumsum(0) - ordered > row.top_p  # the first token always stays
@@ -64,11 +83,22 @@ def _sample(scores: torch.Tensor, row: Row) -> int:
     return int(torch.multinomial(probabilities, 1, generator=row.generator))
 
 
-def _next_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+def _advance(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """Give each row its next token; the indexes of the rows still going. A row that fails
+    here gets its error and leaves; the others go on."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [
-        greedy[i] if row.temperature == 0 else _sample(logits[i], row) for i, row in enumerate(rows)
-    ]
+    going = []
+    for i, row in enumerate(rows):
+        try:
+            token = greedy[i] if row.temperature == 0 else _sample(logits[i], row)
+            done = row.accept(token)
+        except Exception:
+            logger.exception("decoding a row failed")
+            row.fail(internal_error())
+            done = True
+        if not done and not row.stream.cancelled:
+            going.append(i)
+    return going
 
 
 def generate(model: torch.nn.Module, rows: list[Row], *, pad_id: int, by_adapter: bool) -> None:
@@ -101,12 +131,7 @@ def generate(model: torch.nn.Module, rows: list[Row], *, pad_id: int, by_adapter
     with torch.inference_mode():
         logits = forward(input_ids)
         while True:
-            tokens = _next_tokens(logits, rows)
-            keep = [
-                i
-                for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
-                if not row.accept(token) and not row.stream.cancelled
-            ]
+            keep = _advance(logits, rows)
             if not keep:
                 return
             if len(keep) < len(rows):
@@ -114,7 +139,7 @@ def generate(model: torch.nn.Module, rows: list[Row], *, pad_id: int, by_adapter
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
                 rows = [rows[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
             positions = positions[:, -1:] + 1
-            logits = forward(torch.tensor(tokens, device=device)[:, None])
+            tokens = torch.tensor([row.last_token for row in rows], device=device)
+            logits = forward(tokens[:, None])

@@ -25,6 +25,7 @@ from afina.worker.inference.protocol import (
     ModelSpec,
     Prompt,
     SamplingParams,
+    internal_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,18 @@ class InferenceEngine:
 
     def _run(self) -> None:
         try:
+            self._serve()
+        except BaseException:
+            logger.exception("the inference engine stopped")
+            with self._condition:
+                self._unavailable = InferenceError(
+                    503, "the inference engine stopped; restart the server", code="engine_stopped"
+                )
+            self._fail_waiting(self._unavailable)
+            raise
+
+    def _serve(self) -> None:
+        try:
             from afina.worker.inference.batch import serve_batch
             from afina.worker.inference.models import ModelCache
         except ImportError as error:  # an API node installed without the training extra
@@ -126,9 +139,7 @@ class InferenceEngine:
                     serve_batch(models, batch, self._settings.max_new_tokens)
                 except Exception:
                     logger.exception("a generation batch failed")
-                    failure = InferenceError(
-                        500, "The server had an error while generating.", code="internal_error"
-                    )
+                    failure = internal_error()
                     for stream in batch:
                         stream.post(failure)
                 self._stats = replace(self._stats, batches_done=self._stats.batches_done + 1)

@@ -140,8 +140,14 @@ class ModelCache:
                 base.model.delete_adapter(name)
                 if not base.adapters:
                     base.model = base.model.unload()
-            raise _model_error(
-                ModelLoadError(f"cannot load the adapter of {spec.key!r}: {error}")
+            if isinstance(error, torch.OutOfMemoryError):
+                raise _model_error(error) from error
+            logger.exception("cannot load the adapter %s", spec.key)
+            raise InferenceError(
+                500,
+                f"the adapter files of {spec.name!r} cannot be loaded; the server log says why",
+                param="model",
+                code="adapter_load_failed",
             ) from error
         base.adapters[spec.key] = (name, vocabulary)
         self._adapters[entry] = None

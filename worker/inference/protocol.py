@@ -28,6 +28,11 @@ class InferenceError(Exception):
         self.code = code
 
 
+def internal_error() -> InferenceError:
+    """For a failure that is the server's: the details go to its log, not to the client."""
+    return InferenceError(500, "The server had an error while generating.", code="internal_error")
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """A base model as loaded: the same weights quantized differently are two bases."""
@@ -115,7 +120,7 @@ Event = Started | Delta | Finished | InferenceError
 
 
 @dataclass(frozen=True)
-class Completion:
+class GeneratedText:
     text: str
     finish_reason: FinishReason
     usage: Usage
@@ -154,7 +159,7 @@ class GenerationStream:
             raise event
         return event
 
-    async def completion(self) -> Completion:
+    async def completion(self) -> GeneratedText:
         """Everything after `Started`, gathered."""
         parts = []
         while True:
@@ -162,4 +167,4 @@ class GenerationStream:
             if isinstance(event, Delta):
                 parts.append(event.text)
             elif isinstance(event, Finished):
-                return Completion("".join(parts), event.finish_reason, event.usage)
+                return GeneratedText("".join(parts), event.finish_reason, event.usage)
