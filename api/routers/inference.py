@@ -192,6 +192,15 @@ def _event_stream(
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
+def _identity(prefix: str, model: ModelSpec) -> Chunk:
+    """What every OpenAI completion object and chunk of one answer shares."""
+    return {
+        "id": f"{prefix}-{secrets.token_hex(12)}",
+        "created": int(time.time()),
+        "model": model.name,
+    }
+
+
 def _openai_stream(
     stream: GenerationStream,
     identity: Chunk,
@@ -225,8 +234,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     stream = await _start(
         request, model, _messages(body.messages), _params(request, body, max_tokens, param)
     )
-    identity = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time())}
-    identity["model"] = model.name
+    identity = _identity("chatcmpl", model)
     if not body.stream:
         done = await _finish(request, stream)
         return ChatCompletion(
@@ -264,8 +272,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.max_tokens is None:  # OpenAI's default for completions, not the whole context
         params = replace(params, default_max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
     stream = await _start(request, model, Prompt(text=body.prompt[0], param="prompt"), params)
-    identity = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time())}
-    identity["model"] = model.name
+    identity = _identity("cmpl", model)
     if not body.stream:
         done = await _finish(request, stream)
         return Completion(

@@ -1,6 +1,6 @@
 """The README's offline flow as a new user runs it: `afina demo-model`, `afina serve` (API and
 a worker child, embedded default), then the official openai client from upload to a
-fine-tuned model; stopping `afina serve` stops its worker too."""
+fine-tuned model and a chat with it; stopping `afina serve` stops its worker too."""
 
 import json
 import os
@@ -53,6 +53,14 @@ def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
         assert events[0].message.startswith("Job succeeded")
         checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
         assert checkpoints[0].step_number == job.to_dict()["progress"]["total_steps"]
+
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "Say 3"}]
+        )
+        assert reply.model == job.fine_tuned_model
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens > 0
+        assert job.fine_tuned_model in [listed.id for listed in client.models.list()]
     assert server.returncode == 0
     assert not os.path.exists(f"/proc/{worker_pid}"), "the worker outlived afina serve"
 
