@@ -1,5 +1,6 @@
 """The `afina` command line."""
 
+import ipaddress
 import logging
 import os
 import signal
@@ -61,6 +62,15 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
 GRACEFUL_SHUTDOWN_SECONDS = 20
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def _exit_cleanly(_signal: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -81,11 +91,18 @@ def serve(
     the queue and the files under AFINA_DATA_DIR)."""
     settings = get_settings()
     _configure_logging(settings)
+    if not settings.api_keys and not _is_loopback(host):
+        typer.echo(
+            f"afina: refusing to serve on {host} with no AFINA_API_KEYS: anyone who can reach "
+            "it would have full access. Set AFINA_API_KEYS (project:key,...) or bind 127.0.0.1.",
+            err=True,
+        )
+        raise typer.Exit(2)
     if migrate_first:
         upgrade_database(settings.database_url)
     typer.echo(f"afina: data in {settings.data_dir}, database {settings.database_url}")
     if not settings.api_keys:
-        typer.echo("afina: no AFINA_API_KEYS set: every caller of this address has full access")
+        typer.echo("afina: no AFINA_API_KEYS set: open to every process on this machine")
     worker = _start_worker() if with_worker else None
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found. This one turns it into a clean exit that runs the `finally` below.

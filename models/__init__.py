@@ -2,9 +2,18 @@
 
 from afina.models.base import Base
 from afina.models.files import File
-from afina.models.jobs import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
+from afina.models.jobs import (
+    UNFINISHED,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+    new_event,
+)
 
 __all__ = [
+    "UNFINISHED",
     "Base",
     "File",
     "Job",

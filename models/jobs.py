@@ -36,6 +36,9 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+UNFINISHED = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
 def _job_id_fk(**kwargs: Any) -> Mapped[str]:
     return mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), **kwargs)
 

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
 from afina.api.errors import APIError, not_found
@@ -17,7 +17,7 @@ from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
 from afina.core.ids import new_id
 from afina.core.storage import file_key
-from afina.models import File
+from afina.models import UNFINISHED, File, Job
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 logger = logging.getLogger(__name__)
@@ -171,10 +171,30 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
-    # One statement decides between concurrent deletes: the one that removed the row wins.
-    removed = db.execute(delete(File).where(File.id == row.id, File.project == row.project))
+    """Refused (409) while a job that has not ended trains on the file. One statement
+    decides between concurrent deletes: the one that removed the row wins."""
+    users = (
+        select(Job.id)
+        .where(
+            Job.status.in_(UNFINISHED),
+            or_(Job.training_file_id == File.id, Job.validation_file_id == File.id),
+        )
+        .order_by(Job.created_at)
+    )
+    removed = db.execute(
+        delete(File).where(File.id == row.id, File.project == row.project, ~users.exists())
+    )
     db.commit()
     if removed.rowcount == 0:
+        job_id = db.scalars(users.where(File.id == row.id)).first()
+        if job_id is not None:
+            raise APIError(
+                409,
+                f"File {row.id} is in use by job {job_id}, which has not ended: cancel it or "
+                "wait for it to finish first",
+                param="id",
+                code="file_in_use",
+            )
         raise not_found("file", row.id)
     # After the commit: a failure here leaves an unreferenced blob, never a row without one.
     storage.delete(file_key(row.id))

@@ -22,7 +22,16 @@ from afina.api.schemas.jobs import (
 from afina.core import base_models
 from afina.core.ids import new_id
 from afina.core.job_config import resolve_config
-from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
+from afina.models import (
+    UNFINISHED,
+    File,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+    new_event,
+)
 from afina.models.base import utcnow
 from afina.worker.celery_app import TRAIN_TASK
 
@@ -31,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 PageDep = Annotated[PageParams, Depends(page_params(20, 100))]
 MAX_MODEL_NAME = Job.fine_tuned_model.type.length
-CANCELLABLE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
@@ -147,7 +155,7 @@ def cancel_job(job: OwnedJob, db: DbDep) -> JobObject:
     # One conditional UPDATE decides against the worker finishing the job at the same time.
     cancelled = db.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(CANCELLABLE))
+        .where(Job.id == job.id, Job.status.in_(UNFINISHED))
         .values(status=JobStatus.CANCELLED, finished_at=utcnow(), estimated_finish=None)
     ).rowcount
     if cancelled:

@@ -1,10 +1,12 @@
 """The `afina` command as a user runs it: a real process, a real socket."""
 
 import json
+import os
 import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.support import AFINA, afina_serve, child_pids
 
@@ -36,3 +38,19 @@ def test_serve_migrates_and_answers_on_the_embedded_default(tmp_path):
     data_dir = tmp_path / "data"
     assert (data_dir / "afina.db").is_file()
     assert (data_dir / "artifacts" / "files" / f"{response.json()['id']}.jsonl").is_file()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.org"])
+def test_serve_refuses_an_open_api_beyond_loopback(tmp_path, host):
+    env = {**os.environ, "AFINA_DATA_DIR": str(tmp_path / "data"), "AFINA_API_KEYS": ""}
+    result = subprocess.run(
+        [AFINA, "serve", "--host", host, "--no-worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "AFINA_API_KEYS" in result.stderr
+    assert not (tmp_path / "data" / "afina.db").exists()  # refused before touching anything

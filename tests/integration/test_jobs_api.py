@@ -362,3 +362,22 @@ def test_a_body_that_is_not_json_is_refused_plainly(client):
     )
     error = assert_error(response, 400, None)
     assert error["message"].startswith("the body is not valid JSON")
+
+
+@pytest.mark.parametrize("field", ["training_file", "validation_file"])
+def test_a_file_an_unfinished_job_uses_cannot_be_deleted(client, body, settings, field):
+    used = upload(client, jsonl({"prompt": "a", "completion": "b"})).json()["id"]
+    job = create(client, {**body, field: used}).json()
+    response = client.delete(f"/v1/files/{used}")
+    error = assert_error(response, 409, "id", "file_in_use")
+    assert job["id"] in error["message"]
+    assert client.get(f"/v1/files/{used}").status_code == 200
+    assert (Path(settings.storage_url) / "files" / f"{used}.jsonl").is_file()
+
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/files/{used}").json() == {
+        "id": used,
+        "object": "file",
+        "deleted": True,
+    }
+    assert client.get(f"/v1/files/{used}").status_code == 404
