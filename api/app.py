@@ -43,7 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The last added runs first: the size limit, then the key check, then the app.
     app.add_middleware(ApiKeyAuth, keys=settings.api_key_projects())
-    app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_json_bytes=settings.max_json_bytes,
+    )
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

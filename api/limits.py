@@ -12,23 +12,36 @@ MULTIPART_OVERHEAD = 1024 * 1024
 class BodySizeLimit:
     """Pure ASGI middleware: a Content-Length over the limit is refused at once; other
     bodies (chunked ones have no length) are counted as they arrive and refused as soon
-    as they pass the limit."""
+    as they pass the limit. Uploads (multipart) get the upload limit; every other body,
+    JSON, the much smaller AFINA_MAX_JSON_BYTES."""
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_json_bytes: int) -> None:
         self.app = app
-        self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD
-        self.message = (
+        self.upload = (
+            max_upload_bytes + MULTIPART_OVERHEAD,
             f"Request body is larger than the upload limit of {max_upload_bytes} bytes "
-            "(AFINA_MAX_UPLOAD_BYTES)"
+            "(AFINA_MAX_UPLOAD_BYTES)",
+            "file",
+            "file_too_large",
+        )
+        self.json = (
+            max_json_bytes,
+            f"Request body is larger than the limit of {max_json_bytes} bytes for JSON "
+            "(AFINA_MAX_JSON_BYTES)",
+            None,
+            "request_too_large",
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            response = error_response(413, self.message, "file", "file_too_large")
+        headers = Headers(scope=scope)
+        multipart = headers.get("content-type", "").startswith("multipart/form-data")
+        limit, message, param, code = self.upload if multipart else self.json
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = error_response(413, message, param, code)
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
@@ -37,12 +50,12 @@ class BodySizeLimit:
 
         async def counting_receive() -> Message:
             nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+            incoming = await receive()
+            if incoming["type"] == "http.request":
+                received += len(incoming.get("body", b""))
+                if received > limit:
                     # An HTTPException: FastAPI passes it through its body parsing untouched.
-                    raise APIError(413, self.message, param="file", code="file_too_large")
-            return message
+                    raise APIError(413, message, param=param, code=code)
+            return incoming
 
         await self.app(scope, counting_receive, send)

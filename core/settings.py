@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(default=512 * MiB, gt=0)
     max_line_bytes: int = Field(default=8 * MiB, gt=0, description="Longest JSONL line accepted.")
+    max_json_bytes: int = Field(
+        default=16 * MiB, gt=0, description="Largest request body that is not an upload."
+    )
     log_level: str = "info"
     max_loaded_adapters: int = Field(
         default=8, ge=1, description="Adapters the inference engine keeps loaded (LRU)."

@@ -381,3 +381,19 @@ def test_a_file_an_unfinished_job_uses_cannot_be_deleted(client, body, settings,
         "deleted": True,
     }
     assert client.get(f"/v1/files/{used}").status_code == 404
+
+
+def test_a_json_body_over_its_limit_is_refused_before_it_is_read(make_settings, body):
+    settings = make_settings(max_json_bytes=1000)
+    with TestClient(create_app(settings)) as client:
+        big = {**body, "suffix": "x" * 2000}
+        response = client.post("/v1/fine_tuning/jobs", json=big)
+        error = assert_error(response, 413, None, "request_too_large")
+        assert "AFINA_MAX_JSON_BYTES" in error["message"]
+        chunks = iter([json.dumps(big).encode()])  # no Content-Length: counted as it comes
+        streamed = client.post(
+            "/v1/fine_tuning/jobs", content=chunks, headers={"content-type": "application/json"}
+        )
+        assert_error(streamed, 413, None, "request_too_large")
+        assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200
+    assert len(rows(settings, Job)) == 1
