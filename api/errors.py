@@ -36,15 +36,22 @@ class APIError(HTTPException):
         self.extra = extra
 
 
-def error_response(
+def error_body(
     status_code: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
-) -> JSONResponse:
+) -> dict[str, Any]:
+    """`{"error": {...}}`, as a response carries it or as an event inside a stream."""
     if status_code == 401:
         error_type = "authentication_error"
     else:
         error_type = "server_error" if status_code >= 500 else "invalid_request_error"
     body = {"message": message, "type": error_type, "param": param, "code": code, **extra}
-    return JSONResponse({"error": body}, status_code)
+    return {"error": body}
+
+
+def error_response(
+    status_code: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, param, code, **extra), status_code)
 
 
 def shown_id(object_id: str) -> str:

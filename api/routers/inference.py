@@ -7,14 +7,13 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from afina.api.errors import APIError
+from afina.api.errors import APIError, error_body
 from afina.api.schemas.inference import (
     AssistantMessage,
     ChatChoice,
@@ -54,13 +53,6 @@ def _api_error(error: InferenceError) -> APIError:
     return APIError(error.status_code, error.message, param=error.param, code=error.code)
 
 
-def _error_body(error: InferenceError) -> Chunk:
-    kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
-    return {
-        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    }
-
-
 async def _resolve(request: Request, *, model: str | None, job_id: str | None) -> ModelSpec:
     state = request.app.state
 
@@ -84,6 +76,7 @@ def _params(
     body: ChatCompletionRequest | CompletionRequest | GenerateRequest,
     max_tokens: int | None,
     max_tokens_param: str,
+    default_max_tokens: int | None = None,
 ) -> SamplingParams:
     ceiling = request.app.state.settings.max_new_tokens
     if max_tokens is not None and max_tokens > ceiling:
@@ -96,6 +89,7 @@ def _params(
         )
     return SamplingParams(
         max_new_tokens=max_tokens,
+        default_max_new_tokens=default_max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(body.stop or ()),
@@ -143,19 +137,12 @@ async def _start(
         stream = engine.submit(model, prompt, params)
     except InferenceError as error:
         raise _api_error(error) from None
-    try:
-        await _while_connected(request, stream, stream.next_event())
-    except BaseException:
-        stream.cancel()
-        raise
+    await _while_connected(request, stream, stream.next_event())
     return stream
 
 
 async def _finish(request: Request, stream: GenerationStream) -> GeneratedText:
-    try:
-        return await _while_connected(request, stream, stream.completion())
-    finally:
-        stream.cancel()  # a no-op when it finished; frees the row if this task was cancelled
+    return await _while_connected(request, stream, stream.completion())
 
 
 def _sse(payload: Chunk | str) -> str:
@@ -184,7 +171,7 @@ def _event_stream(
                     yield _sse("[DONE]")
                     return
         except InferenceError as error:
-            yield _sse(_error_body(error))
+            yield _sse(error_body(error.status_code, error.message, error.param, error.code))
         finally:
             stream.cancel()  # the client went away: the engine drops the row
 
@@ -268,9 +255,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     model = await _resolve(request, model=body.model, job_id=None)
-    params = _params(request, body, body.max_tokens, "max_tokens")
-    if body.max_tokens is None:  # OpenAI's default for completions, not the whole context
-        params = replace(params, default_max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    # Without max_tokens: OpenAI's default for completions, not the whole context.
+    params = _params(request, body, body.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
     stream = await _start(request, model, Prompt(text=body.prompt[0], param="prompt"), params)
     identity = _identity("cmpl", model)
     if not body.stream:

@@ -80,31 +80,36 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
+    """What every generation endpoint takes besides the model, prompt and token limit."""
+
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: Stop | None = None
     seed: Seed | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] | None = Field(default=None, description="Only one choice is generated.")
-    user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description=IGNORE_EOS)
 
 
-class ChatCompletionRequest(_Sampling):
+class _OpenAISampling(_Sampling):
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = Field(default=None, description="Only one choice is generated.")
+    user: str | None = Field(default=None, max_length=256)
+
+
+class ChatCompletionRequest(_OpenAISampling):
     model: ModelName
     messages: Messages
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_OpenAISampling):
     model: ModelName
     prompt: PromptText
     max_tokens: MaxTokens | None = Field(default=None, description="16 if not given, as OpenAI.")
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(_Sampling):
     """`POST /generate`: a fine-tuned model by name or by its job's id, and a prompt or
     chat messages."""
 
@@ -113,12 +118,6 @@ class GenerateRequest(_Strict):
     prompt: Text | None = None
     messages: Messages | None = None
     max_new_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    stop: Stop | None = None
-    seed: Seed | None = None
-    stream: bool | None = False
-    ignore_eos: bool = Field(default=False, description=IGNORE_EOS)
 
 
 class UsageObject(BaseModel):

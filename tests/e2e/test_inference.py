@@ -393,4 +393,4 @@ def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(server, trai
     body = {"model": trained["yes"]["fine_tuned_model"], "messages": ask("x" * 40_000)}
     response = httpx.post(f"{url}/v1/chat/completions", json=body)
     error = assert_error(response, 400, "messages", "context_length_exceeded")
-    assert "40" in error["message"]
+    assert "40000 characters" in error["message"]  # counted, not tokenized

@@ -51,11 +51,12 @@ def _check_size(prompt: Prompt, context_length: int | None) -> None:
 
 
 def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling: int) -> Row:
+    prompt, params = stream.prompt, stream.params
+    _check_size(prompt, base.context_length)
     adapter, vocabulary = NO_ADAPTER, base.vocabulary
     if stream.model.adapter is not None:
         adapter, vocabulary = models.adapter(base, stream.model.adapter)
-    tokenizer, prompt, params = vocabulary.tokenizer, stream.prompt, stream.params
-    _check_size(prompt, base.context_length)
+    tokenizer = vocabulary.tokenizer
     ids = prompt_ids(tokenizer, prompt)
     room = ceiling if base.context_length is None else base.context_length - len(ids)
     if room < 1:
@@ -76,9 +77,9 @@ def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling
             code="context_length_exceeded",
         )
     chat = prompt.messages is not None
-    stop_ids = vocabulary.eos | (vocabulary.end_of_turn.ids if chat else frozenset())
-    if params.ignore_eos:
-        stop_ids = frozenset()
+    stop_ids = frozenset()
+    if not params.ignore_eos:
+        stop_ids = vocabulary.eos | (vocabulary.end_of_turn.ids if chat else frozenset())
     stop_strings = params.stop + (vocabulary.end_of_turn.strings if chat else ())
     generator = None
     if params.temperature > 0:
@@ -117,7 +118,7 @@ def serve_batch(models: ModelCache, batch: list[GenerationStream], max_new_token
             logger.exception("preparing a generation request failed")
             stream.post(internal_error())
     for row in rows:
-        row.stream.post(Started(prompt_tokens=len(row.prompt_ids), batch_size=len(rows)))
+        row.stream.post(Started(prompt_tokens=len(row.prompt_ids)))
     if not rows:
         return
     try:

@@ -34,9 +34,9 @@ class Row:
     max_new_tokens: int
     stop_ids: frozenset[int]
     text: IncrementalText
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0
     top_p: float = 1.0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # None: greedy
     generated: int = 0
     last_token: int = -1
     finished: bool = field(default=False)
@@ -70,9 +70,9 @@ class Row:
 
 
 def _sample(scores: torch.Tensor, row: Row) -> int:
-    """One token from a row's logits: softmax at its temperature, cut to its top-p nucleus,
-    drawn with its own generator (so a seed gives the same text in any batch)."""
-    scores = scores.float().cpu()
+    """One token from a row's logits (float32, on the CPU): softmax at its temperature, cut
+    to its top-p nucleus, drawn with its own generator (so a seed gives the same text in any
+    batch)."""
     # Shifted so the best score is 0: a tiny temperature then gives -inf, never inf - inf.
     probabilities = torch.softmax((scores - scores.max()) / row.temperature, dim=-1)
     if row.top_p < 1:
@@ -87,10 +87,13 @@ def _advance(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     """Give each row its next token; the indexes of the rows still going. A row that fails
     here gets its error and leaves; the others go on."""
     greedy = logits.argmax(dim=-1).tolist()
+    sampling = [i for i, row in enumerate(rows) if row.generator is not None]
+    # One copy off the device for the rows that sample, not one per row.
+    scores = dict(zip(sampling, logits[sampling].float().cpu(), strict=True)) if sampling else {}
     going = []
     for i, row in enumerate(rows):
         try:
-            token = greedy[i] if row.temperature == 0 else _sample(logits[i], row)
+            token = _sample(scores[i], row) if i in scores else greedy[i]
             done = row.accept(token)
         except Exception:
             logger.exception("decoding a row failed")

@@ -35,11 +35,13 @@ logger = logging.getLogger(__name__)
 class EngineStats:
     """Counted when a batch is taken; adapters as loaded before any request of it starts."""
 
-    batches: int = 0
     batches_done: int = 0
-    requests: int = 0
     largest_batch: int = 0
     loaded_adapters: tuple[str, ...] = ()
+
+
+def _shutting_down() -> InferenceError:
+    return InferenceError(503, "the server is shutting down", code="shutting_down")
 
 
 class InferenceEngine:
@@ -67,7 +69,7 @@ class InferenceEngine:
             if self._unavailable is not None:
                 raise self._unavailable
             if self._closed:
-                raise InferenceError(503, "the server is shutting down", code="shutting_down")
+                raise _shutting_down()
             if len(self._waiting) >= self._settings.max_queued_generations:
                 raise InferenceError(
                     429,
@@ -92,18 +94,16 @@ class InferenceEngine:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
-        self._fail_waiting(InferenceError(503, "the server is shutting down", code="shutting_down"))
+        self._fail_waiting(_shutting_down())
 
     def _run(self) -> None:
         try:
             self._serve()
         except BaseException:
             logger.exception("the inference engine stopped")
-            with self._condition:
-                self._unavailable = InferenceError(
-                    503, "the inference engine stopped; restart the server", code="engine_stopped"
-                )
-            self._fail_waiting(self._unavailable)
+            self._become_unavailable(
+                "the inference engine stopped; restart the server", "engine_stopped"
+            )
             raise
 
     def _serve(self) -> None:
@@ -112,13 +112,9 @@ class InferenceEngine:
             from afina.worker.inference.models import ModelCache
         except ImportError as error:  # an API node installed without the training extra
             logger.exception("inference is not available")
-            with self._condition:
-                self._unavailable = InferenceError(
-                    503,
-                    f"inference is not available on this server: {error}",
-                    code="inference_unavailable",
-                )
-            self._fail_waiting(self._unavailable)
+            self._become_unavailable(
+                f"inference is not available on this server: {error}", "inference_unavailable"
+            )
             return
         self._models = models = ModelCache(
             storage=self._storage,
@@ -129,12 +125,8 @@ class InferenceEngine:
         )
         try:
             while (batch := self._next_batch()) is not None:
-                self._stats = replace(
-                    self._stats,
-                    batches=self._stats.batches + 1,
-                    requests=self._stats.requests + len(batch),
-                    largest_batch=max(self._stats.largest_batch, len(batch)),
-                )
+                largest = max(self._stats.largest_batch, len(batch))
+                self._stats = replace(self._stats, largest_batch=largest)
                 try:
                     serve_batch(models, batch, self._settings.max_new_tokens)
                 except Exception:
@@ -177,6 +169,12 @@ class InferenceEngine:
             batch.append(stream)
         self._waiting = [(t, s) for t, s in self._waiting if s not in batch]
         return batch
+
+    def _become_unavailable(self, message: str, code: str) -> None:
+        """Fail what waits, and every later request, with this 503."""
+        with self._condition:
+            self._unavailable = InferenceError(503, message, code=code)
+        self._fail_waiting(self._unavailable)
 
     def _fail_waiting(self, error: InferenceError) -> None:
         with self._condition:

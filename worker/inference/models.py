@@ -12,12 +12,12 @@ import itertools
 import logging
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
 
 from afina.core.base_models import max_length
 from afina.core.storage import ArtifactStorage
@@ -46,10 +46,9 @@ class Vocabulary:
 @dataclass
 class LoadedBase:
     spec: BaseModelSpec
-    model: Any  # the transformers model, wrapped in a PeftModel once an adapter is loaded
+    model: Any  # the transformers model, wrapped in a PeftModel while it has adapters
     vocabulary: Vocabulary
     context_length: int | None
-    adapters: dict[str, tuple[str, Vocabulary]] = field(default_factory=dict)
 
     @property
     def takes_adapter_names(self) -> bool:
@@ -80,7 +79,10 @@ class ModelCache:
         self._max_adapters = max_adapters
         self._trust_remote_code = trust_remote_code
         self._bases: OrderedDict[tuple[str, str], LoadedBase] = OrderedDict()
-        self._adapters: OrderedDict[tuple[tuple[str, str], str], None] = OrderedDict()
+        # (base key, adapter key) -> (the adapter's name in the base's peft model, vocabulary)
+        self._adapters: OrderedDict[tuple[tuple[str, str], str], tuple[str, Vocabulary]] = (
+            OrderedDict()
+        )
         self._names = (f"adapter_{n}" for n in itertools.count())
         self.loaded_adapters: tuple[str, ...] = ()  # storage keys, least recently used first
 
@@ -119,27 +121,26 @@ class ModelCache:
         if entry in self._adapters:
             self._adapters.move_to_end(entry)
             self._note_adapters()
-            return base.adapters[spec.key]
+            return self._adapters[entry]
         while len(self._adapters) >= self._max_adapters:
             self._unload_adapter(*next(iter(self._adapters)))
         directory = self._fetch(spec)
         name = next(self._names)
         try:
-            if base.takes_adapter_names:
-                base.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
-            else:
-                base.model = PeftModel.from_pretrained(
-                    base.model, str(directory), adapter_name=name, is_trainable=False
-                )
+            if not base.takes_adapter_names:
+                # Wrapped before the weights load (what PeftModel.from_pretrained does in one
+                # go), so that a failed load leaves a peft model to unwrap, not stray layers.
+                config = PeftConfig.from_pretrained(str(directory))
+                config.inference_mode = True
+                base.model = get_peft_model(base.model, config, adapter_name=name)
+            base.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
             vocabulary = base.vocabulary
             if (directory / "tokenizer_config.json").is_file():
                 tokenizer = load_tokenizer(str(directory), trust_remote_code=False)
                 vocabulary = Vocabulary.of(base.model, tokenizer)
         except Exception as error:
             if base.takes_adapter_names and name in base.model.peft_config:
-                base.model.delete_adapter(name)
-                if not base.adapters:
-                    base.model = base.model.unload()
+                self._remove_from_model(base, name)
             if isinstance(error, torch.OutOfMemoryError):
                 raise _model_error(error) from error
             logger.exception("cannot load the adapter %s", spec.key)
@@ -149,8 +150,7 @@ class ModelCache:
                 param="model",
                 code="adapter_load_failed",
             ) from error
-        base.adapters[spec.key] = (name, vocabulary)
-        self._adapters[entry] = None
+        self._adapters[entry] = (name, vocabulary)
         self._note_adapters()
         logger.info("loaded adapter %s on %s", spec.key, base.spec.model)
         return name, vocabulary
@@ -174,22 +174,26 @@ class ModelCache:
         return directory
 
     def _unload_adapter(self, base_key: tuple[str, str], adapter_key: str) -> None:
-        del self._adapters[(base_key, adapter_key)]
+        name, _ = self._adapters.pop((base_key, adapter_key))
         self._note_adapters()
-        base = self._bases[base_key]
-        name, _ = base.adapters.pop(adapter_key)
-        if base.adapters:
+        self._remove_from_model(self._bases[base_key], name)
+        logger.info("unloaded adapter %s", adapter_key)
+
+    def _remove_from_model(self, base: LoadedBase, name: str) -> None:
+        """Take an adapter out of the base's peft model; the last one unwraps the model, as
+        peft would keep naming a deleted last adapter active."""
+        if len(base.model.peft_config) > 1:
             with warnings.catch_warnings():  # "adapter ... was active": no adapter is active
                 warnings.simplefilter("ignore")
                 base.model.delete_adapter(name)
-        else:  # peft keeps naming a deleted last adapter active: go back to the plain model
+        else:
             base.model = base.model.unload()
-        logger.info("unloaded adapter %s", adapter_key)
 
     def _unload_base(self, key: tuple[str, str]) -> None:
         base = self._bases[key]
-        for adapter_key in list(base.adapters):
-            self._unload_adapter(key, adapter_key)
+        for base_key, adapter_key in list(self._adapters):
+            if base_key == key:
+                self._unload_adapter(key, adapter_key)
         del self._bases[key]
         base.model = None
         gc.collect()

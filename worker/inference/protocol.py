@@ -8,6 +8,7 @@ accepted, `Delta`s of text, then `Finished`, or an `InferenceError` instead.
 import asyncio
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from afina.core.job_config import QuantizationSettings
@@ -40,8 +41,9 @@ class BaseModelSpec:
     model: str
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
 
-    @property
+    @cached_property
     def key(self) -> tuple[str, str]:
+        """What tells bases apart; read for every waiting request when a batch is taken."""
         return self.model, self.quantization.model_dump_json()
 
 
@@ -102,7 +104,6 @@ class Usage:
 @dataclass(frozen=True)
 class Started:
     prompt_tokens: int
-    batch_size: int
 
 
 @dataclass(frozen=True)
