@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from afina.api.auth import ApiKeyAuth
 from afina.api.errors import install_error_handlers
+from afina.api.keys import KeyStore
 from afina.api.limits import BodySizeLimit
 from afina.api.routers import files, fine_tuning, health, inference, models
 from afina.core.settings import Settings, get_settings
@@ -15,6 +16,7 @@ from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.celery_app import create_celery
 from afina.worker.inference.engine import InferenceEngine
+from afina.worker.reconciler import Reconciler
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,7 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        app.state.reconciler.start()
         yield
+        await run_in_threadpool(app.state.reconciler.stop)
         await run_in_threadpool(app.state.inference.close)
         app.state.celery.close()
         engine.dispose()
@@ -40,9 +44,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = ArtifactStorage(settings.storage_url)
     app.state.celery = create_celery(settings)
     app.state.inference = InferenceEngine(settings, app.state.storage)
+    app.state.reconciler = Reconciler(
+        settings, app.state.session_factory, app.state.storage, app.state.celery
+    )
     install_error_handlers(app)
     # The last added runs first: the size limit, then the key check, then the app.
-    app.add_middleware(ApiKeyAuth, keys=settings.api_key_projects())
+    app.add_middleware(
+        ApiKeyAuth, keys=KeyStore(app.state.session_factory, settings.api_key_projects())
+    )
     app.add_middleware(
         BodySizeLimit,
         max_upload_bytes=settings.max_upload_bytes,

@@ -2,32 +2,25 @@
 
 Checked in ASGI middleware, before anything reads the request body, so a caller without a
 valid key cannot make the server take in an upload. The caller's project goes into the
-request state for `get_project`.
+request state for `get_project`. A service that has never had a key (none set, none stored)
+is open, and every caller is in the default project.
 """
 
-import hmac
-
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from afina.api.errors import error_response
+from afina.api.keys import KeyStore
 from afina.core.settings import DEFAULT_PROJECT
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def find_project(keys: dict[str, str], token: str) -> str | None:
-    """Compare the token with every key, so the time taken says nothing about any key."""
-    found = None
-    for key, project in keys.items():
-        if hmac.compare_digest(key.encode(), token.encode()):
-            found = project
-    return found
-
-
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, keys: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
         self.app = app
         self.keys = keys
 
@@ -35,20 +28,29 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        project = DEFAULT_PROJECT
-        if self.keys:
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        try:
+            project = await self._project(token)
+        except SQLAlchemyError:
+            message = "The service cannot check API keys right now: its database is unreachable."
+            await error_response(503, message, code="database_unavailable")(scope, receive, send)
+            return
+        if project is None:
+            if token:
+                message, code = "Incorrect API key provided.", "invalid_api_key"
+            else:
                 message = "Missing API key: send it as `Authorization: Bearer <key>`."
-                await self._refuse(scope, receive, send, message, "missing_api_key")
-                return
-            project = find_project(self.keys, token.strip())
-            if project is None:
-                message = "Incorrect API key provided."
-                await self._refuse(scope, receive, send, message, "invalid_api_key")
-                return
+                code = "missing_api_key"
+            await self._refuse(scope, receive, send, message, code)
+            return
         scope.setdefault("state", {})["project"] = project
         await self.app(scope, receive, send)
+
+    async def _project(self, token: str) -> str | None:
+        if not await run_in_threadpool(self.keys.required):
+            return DEFAULT_PROJECT
+        return await run_in_threadpool(self.keys.project_for, token) if token else None
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, message: str, code: str) -> None:

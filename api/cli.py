@@ -6,14 +6,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
-from afina.core.settings import Settings, get_settings
+from afina.api import keys
+from afina.core.settings import PROJECT_NAME, Settings, get_settings
+from afina.models import ApiKey
 from afina.models.schema import upgrade_database
+from afina.models.session import make_engine, make_session_factory
 
 app = typer.Typer(
     help="afina: self-hosted, OpenAI-compatible QLoRA fine-tuning.",
@@ -22,6 +32,7 @@ app = typer.Typer(
 )
 logger = logging.getLogger("afina.cli")
 
+MAX_KEY_NAME = ApiKey.name.type.length
 # How long a stopping worker may take to halt its run at the next step and re-queue it.
 WORKER_STOP_SECONDS = 30
 
@@ -59,6 +70,54 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+class WorkerSupervisor:
+    """The training worker that `afina serve` runs beside the API: started with it, started
+    again when it dies (after a pause that doubles, up to 30 s, while it keeps dying within
+    a minute), stopped with it. The job it was running is the reconciler's to re-queue."""
+
+    FIRST_DELAY, MAX_DELAY, STEADY_SECONDS = 1.0, 30.0, 60.0
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._worker = _start_worker()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        delay = self.FIRST_DELAY
+        started = time.monotonic()
+        while not self._stopping.wait(0.5):
+            code = self._worker.poll()
+            if code is None:
+                continue
+            lived = time.monotonic() - started
+            if lived > self.STEADY_SECONDS:
+                delay = self.FIRST_DELAY
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            logger.warning(
+                "the training worker (pid %d) %s after %.0f s: starting another in %.0f s",
+                self._worker.pid,
+                how,
+                lived,
+                delay,
+            )
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._worker = _start_worker()
+            started = time.monotonic()
+            delay = min(delay * 2, self.MAX_DELAY)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        with self._lock:
+            _stop_worker(self._worker)
+
+
 GRACEFUL_SHUTDOWN_SECONDS = 20
 
 
@@ -91,19 +150,26 @@ def serve(
     the queue and the files under AFINA_DATA_DIR)."""
     settings = get_settings()
     _configure_logging(settings)
-    if not settings.api_keys and not _is_loopback(host):
+    keys_required = _keys_required(settings)
+    if not keys_required and not _is_loopback(host):
         typer.echo(
-            f"afina: refusing to serve on {host} with no AFINA_API_KEYS: anyone who can reach "
-            "it would have full access. Set AFINA_API_KEYS (project:key,...) or bind 127.0.0.1.",
+            f"afina: refusing to serve on {host} with no API key: anyone who can reach it "
+            "would have full access. Set AFINA_API_KEYS (project:key,...), create one with "
+            "`afina keys create --project P`, or bind 127.0.0.1.",
             err=True,
         )
         raise typer.Exit(2)
     if migrate_first:
         upgrade_database(settings.database_url)
     typer.echo(f"afina: data in {settings.data_dir}, database {settings.database_url}")
-    if not settings.api_keys:
-        typer.echo("afina: no AFINA_API_KEYS set: open to every process on this machine")
-    worker = _start_worker() if with_worker else None
+    if keys_required:
+        typer.echo("afina: callers need an API key (AFINA_API_KEYS, or `afina keys create`)")
+    else:
+        typer.echo(
+            "afina: no API key set or stored: open to every process on this machine until "
+            "one is (`afina keys create --project P`)"
+        )
+    worker = WorkerSupervisor() if with_worker else None
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found. This one turns it into a clean exit that runs the `finally` below.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +186,102 @@ def serve(
         )
     finally:
         if worker is not None:
-            _stop_worker(worker)
+            worker.stop()
+
+
+def _session_factory(settings: Settings) -> sessionmaker[Session]:
+    return make_session_factory(make_engine(settings.database_url or ""))
+
+
+def _keys_required(settings: Settings) -> bool:
+    """Whether callers will need a key: one is set, or one was ever stored. It reads a
+    database that is already there and creates none, so a refused start leaves nothing."""
+    if settings.api_keys:
+        return True
+    url = make_url(settings.database_url or "")
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        return False
+    try:
+        return keys.any_stored_key(_session_factory(settings))
+    except SQLAlchemyError:  # no schema yet
+        return False
+
+
+keys_app = typer.Typer(
+    help="API keys kept in the database (only their hash is stored). A key opens one "
+    "project: its callers see that project's files, jobs and models, and nothing else.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _keys_database() -> sessionmaker[Session]:
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    return _session_factory(settings)
+
+
+@keys_app.command("create")
+def create_key(
+    project: Annotated[str, typer.Option("--project", "-p", help="The project the key opens.")],
+    name: Annotated[
+        str | None, typer.Option(help="A note to tell keys apart, e.g. who uses it.")
+    ] = None,
+) -> None:
+    """Make a key for a project and print it, alone, on standard output.
+
+    The key is shown only this once. Once any key exists, every caller needs one."""
+    if not PROJECT_NAME.fullmatch(project):
+        raise typer.BadParameter("use 1-64 letters, digits, '_' or '-'", param_hint="--project")
+    if name is not None and not 0 < len(name) <= MAX_KEY_NAME:
+        raise typer.BadParameter(f"use 1-{MAX_KEY_NAME} characters", param_hint="--name")
+    created = keys.create_key(_keys_database(), project, name)
+    typer.echo(
+        f"Created {created.row.id} for project {project}. The key, shown only this once:",
+        err=True,
+    )
+    typer.echo(created.key)
+
+
+@keys_app.command("list")
+def list_keys(
+    project: Annotated[
+        str | None, typer.Option("--project", "-p", help="Only this project's keys.")
+    ] = None,
+    revoked: Annotated[bool, typer.Option("--revoked", help="Show revoked keys too.")] = False,
+) -> None:
+    """List the stored keys (their ids and first characters, never the keys)."""
+    rows = keys.list_keys(_keys_database(), project, revoked=revoked)
+    table = Table("id", "project", "name", "key", "created", "revoked", box=None)
+    for row in rows:
+        table.add_row(
+            row.id,
+            row.project,
+            row.name or "",
+            f"{row.prefix}...",
+            f"{row.created_at:%Y-%m-%d %H:%M}",
+            f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "",
+        )
+    console = Console()
+    if not console.is_terminal:  # piped: keep every row on one line
+        console = Console(width=200)
+    console.print(table if rows else "No stored keys.")
+    bootstrap = sorted(set(get_settings().api_key_projects().values()))
+    shown = [name for name in bootstrap if project is None or name == project]
+    if shown:
+        typer.echo(f"AFINA_API_KEYS also holds keys for project(s): {', '.join(shown)}")
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(help="The key's id, as `afina keys list` shows it.")],
+) -> None:
+    """Revoke a stored key: it stops working at its next request."""
+    row = keys.revoke_key(_keys_database(), key_id)
+    if row is None:
+        typer.echo(f"afina: no stored key with id {key_id!r} (see `afina keys list`)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Revoked {row.id} (project {row.project}).")
 
 
 @app.command()

@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     max_queued_generations: int = Field(
         default=256, ge=1, description="Waiting generation requests beyond which a 429 answers."
     )
+    worker_timeout_seconds: float = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="A running job whose worker has not stamped its heartbeat for this long "
+        "has lost its worker: it is queued again (or failed after max_attempts). Workers stamp "
+        "every sixth of it; the clocks of the API and worker machines must agree well within it.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="How many runs of a job may end with a lost worker before it fails.",
+    )
 
     @field_validator("allowed_models", "api_keys", mode="before")
     @classmethod

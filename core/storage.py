@@ -16,6 +16,9 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+# In the name of an object being written: it is renamed to its key once whole.
+TEMPORARY_MARK = ".tmp-"
+
 
 def file_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
@@ -27,6 +30,23 @@ def adapter_key(job_id: str) -> str:
 
 def checkpoint_key(job_id: str, step: int) -> str:
     return f"jobs/{job_id}/checkpoints/step-{step}"
+
+
+def resume_key(job_id: str, step: int | None = None) -> str:
+    """Where a job's whole trainer state (optimizer, scheduler, RNG) is kept, so that a run
+    that stopped can go on from `step`; without a step, the folder of all of them."""
+    base = f"jobs/{job_id}/resume"
+    return base if step is None else f"{base}/step-{step}"
+
+
+def latest_resume_step(storage: "ArtifactStorage", job_id: str) -> int | None:
+    """The step of the newest complete trainer state of the job, if there is one."""
+    steps = [
+        int(name.removeprefix("step-"))
+        for name in storage.names(resume_key(job_id))
+        if name.startswith("step-") and name.removeprefix("step-").isdigit()
+    ]
+    return max(steps, default=None)
 
 
 class ArtifactStorage:
@@ -41,7 +61,7 @@ class ArtifactStorage:
     def atomic_write(self, key: str) -> Iterator[BinaryIO]:
         """Yield a file to write; it appears under `key` only if the block ends cleanly."""
         final = self.path(key)
-        temporary = f"{final}.tmp-{secrets.token_hex(8)}"
+        temporary = f"{final}{TEMPORARY_MARK}{secrets.token_hex(8)}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         try:
             with self.fs.open(temporary, "wb") as out:
@@ -55,7 +75,7 @@ class ArtifactStorage:
         """Copy a local directory (or just `names` in it) to `key`, replacing what was there;
         it appears whole or not at all."""
         final = self.path(key)
-        temporary = f"{final}.tmp-{secrets.token_hex(8)}"
+        temporary = f"{final}{TEMPORARY_MARK}{secrets.token_hex(8)}"
         try:
             self.fs.makedirs(temporary, exist_ok=True)
             for name in names if names is not None else sorted(p.name for p in local.iterdir()):
@@ -74,10 +94,19 @@ class ArtifactStorage:
         target = cache / key
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f"{target.name}.tmp-{secrets.token_hex(8)}")
+            partial = target.with_name(f"{target.name}{TEMPORARY_MARK}{secrets.token_hex(8)}")
             self.fs.get(self.path(key) + "/", str(partial) + "/", recursive=True)
             partial.rename(target)
         return target
+
+    def names(self, key: str) -> list[str]:
+        """The names of the objects directly under `key` that are whole (not being written)."""
+        try:
+            paths = self.fs.ls(self.path(key), detail=False)
+        except FileNotFoundError:
+            return []
+        names = (posixpath.basename(path.rstrip("/")) for path in paths)
+        return sorted(name for name in names if TEMPORARY_MARK not in name)
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))

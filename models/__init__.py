@@ -1,5 +1,6 @@
 """The shared data layer: SQLAlchemy 2.0 tables and the session factory."""
 
+from afina.models.api_keys import ApiKey
 from afina.models.base import Base
 from afina.models.files import File
 from afina.models.jobs import (
@@ -14,6 +15,7 @@ from afina.models.jobs import (
 
 __all__ = [
     "UNFINISHED",
+    "ApiKey",
     "Base",
     "File",
     "Job",

@@ -76,7 +76,13 @@ class Job(CreatedAt, Base):
     epoch: Mapped[float | None]
     estimated_finish: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
+    # Runs that ended because their worker was lost (killed, crashed, stopped answering).
+    lost_workers: Mapped[int] = mapped_column(default=0, server_default="0")
     task_id: Mapped[str | None] = mapped_column(String(64))
+    # Set by the run that holds the job: a run whose id is no longer here writes nothing.
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    # When the job's message last went to the queue; None while a queued job still needs one.
+    enqueued_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -71,13 +71,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def afina_serve(workdir: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def afina_serve(
+    workdir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`afina serve` as a user starts it in `workdir` (embedded default, data in
-    `workdir/data`), until it answers; stopped with SIGTERM at the end."""
+    `workdir/data`, `env` added to the environment), until it answers; stopped with SIGTERM
+    at the end."""
     port = free_port()
-    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
+    base_env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
     for name in ("AFINA_DATABASE_URL", "AFINA_BROKER_URL", "AFINA_STORAGE_URL", "AFINA_API_KEYS"):
-        env.pop(name, None)
+        base_env.pop(name, None)
+    env = {**base_env, **(env or {})}
     log = (workdir / "serve.log").open("wb")
     server = subprocess.Popen(
         [AFINA, "serve", "--port", str(port), *args],

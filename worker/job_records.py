@@ -1,5 +1,10 @@
-"""What a running job writes to the database: events, metric points, progress, checkpoints,
-and the heartbeat; and whether the job should stop (cancelled, or the worker shutting down).
+"""What a running job writes to the database: events, metric points, progress, checkpoints
+(with the whole trainer state, to resume from), and the heartbeat; and whether the job should
+stop (cancelled, taken from this run, or the worker shutting down).
+
+A run holds its job by its `run_id`: progress and heartbeats are written only while the job
+is `running` under that id, so a run whose job was taken back (its worker was thought lost)
+writes nothing more and stops at its next step.
 """
 
 import logging
@@ -9,32 +14,41 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import ColumnElement, and_, delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.ids import new_id
-from afina.core.storage import ArtifactStorage, checkpoint_key
+from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
 from afina.models.base import utcnow
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5.0
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # Set when the worker is asked to shut down: the run stops at its next step.
 shutdown_requested = threading.Event()
 
 
+def held_by(job_id: str, run_id: str) -> ColumnElement[bool]:
+    """The job is running, under this run."""
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.run_id == run_id)
+
+
 class JobRecorder:
     """The `Reporter` of one job's run, writing to its rows."""
 
     def __init__(
-        self, session_factory: sessionmaker[Session], storage: ArtifactStorage, job_id: str
+        self,
+        session_factory: sessionmaker[Session],
+        storage: ArtifactStorage,
+        job_id: str,
+        run_id: str,
     ) -> None:
         self.session_factory = session_factory
         self.storage = storage
         self.job_id = job_id
+        self.run_id = run_id
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
@@ -50,11 +64,11 @@ class JobRecorder:
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
     ) -> bool:
         """Record progress; False once the run must stop. The one UPDATE per step both writes
-        the progress and finds out whether the job is still running (not cancelled)."""
+        the progress and finds out whether the job is still this run's (not cancelled)."""
         with self.session_factory.begin() as session:
             running = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                .where(held_by(self.job_id, self.run_id))
                 .values(
                     steps_done=steps_done,
                     total_steps=total_steps,
@@ -64,11 +78,21 @@ class JobRecorder:
             ).rowcount
         return bool(running) and not shutdown_requested.is_set()
 
+    def save_before_stopping(self) -> bool:
+        """A run stopped because its worker shuts down saves its state first: the job goes
+        back to the queue and resumes from there. A cancelled run keeps nothing."""
+        return shutdown_requested.is_set()
+
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
-        """Keep the adapter of a trainer checkpoint (not its optimizer state) in storage."""
+        """Keep a trainer checkpoint: its adapter, for the user, and the whole trainer state
+        (optimizer, scheduler, RNG), to resume from; only the newest state is kept."""
         self.storage.put_directory(
             Path(directory), checkpoint_key(self.job_id, step), names=ADAPTER_FILES
         )
+        self.storage.put_directory(Path(directory), resume_key(self.job_id, step))
+        for name in self.storage.names(resume_key(self.job_id)):
+            if name != f"step-{step}":
+                self.storage.delete(f"{resume_key(self.job_id)}/{name}")
         with self.session_factory.begin() as session:
             session.execute(
                 delete(JobCheckpoint).where(
@@ -84,22 +108,26 @@ class JobRecorder:
 
 
 class Heartbeat:
-    """A thread that stamps the job's `heartbeat_at` every few seconds while it runs: a
-    `running` job with an old stamp has lost its worker (what a reconciler will look for)."""
+    """A thread that stamps the job's `heartbeat_at` every `interval` seconds while its run
+    holds it: a `running` job with an old stamp has lost its worker (`worker.reconciler`)."""
 
-    def __init__(self, session_factory: sessionmaker[Session], job_id: str) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], job_id: str, run_id: str, interval: float
+    ) -> None:
         self.session_factory = session_factory
         self.job_id = job_id
+        self.run_id = run_id
+        self.interval = interval
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def _beat(self) -> None:
-        while not self.stopped.wait(HEARTBEAT_SECONDS):
+        while not self.stopped.wait(self.interval):
             try:
                 with self.session_factory.begin() as session:
                     session.execute(
                         update(Job)
-                        .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                        .where(held_by(self.job_id, self.run_id))
                         .values(heartbeat_at=utcnow())
                     )
             except Exception:

@@ -1,12 +1,14 @@
-"""One training job from the worker's side: claim it, train, and record how it ended.
+"""One training job from the worker's side: claim it, train (from the trainer state an
+earlier run kept, if there is one), and record how it ended.
 
 Every state change is a conditional UPDATE, so the database settles races: a job cancelled
-while it trains stays cancelled, and a message delivered twice starts a job only once. Any
-failure inside the run ends the job `failed` with an error a user can act on. (A worker that
-dies outright leaves its job `running` with a stale heartbeat: that is for a reconciler.)
+while it trains stays cancelled, a message delivered twice starts a job only once, and a run
+whose job was taken back (its worker was thought lost, see `worker.reconciler`) changes
+nothing. Any failure inside the run ends the job `failed` with an error a user can act on.
 """
 
 import logging
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,16 +17,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.job_config import JobConfig
 from afina.core.settings import Settings
-from afina.core.storage import ArtifactStorage, adapter_key, file_key
+from afina.core.storage import (
+    ArtifactStorage,
+    adapter_key,
+    file_key,
+    latest_resume_step,
+    resume_key,
+)
 from afina.models import Job, JobStatus, new_event
 from afina.models.base import utcnow
-from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
+from afina.worker.job_records import Heartbeat, JobRecorder, held_by, shutdown_requested
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
 
@@ -42,17 +50,15 @@ def _workdir(context: WorkerContext, job_id: str) -> Path:
     return context.settings.data_dir / "work" / job_id
 
 
-def _transition(
-    context: WorkerContext, job_id: str, source: JobStatus, event: str, **values: Any
-) -> bool:
-    """Move the job from `source` to new values, with an event, if it is still in `source`."""
+def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
+    """Move the job to new values, with an event, if this run still holds it."""
     level = "error" if values.get("status") == JobStatus.FAILED else "info"
     with context.session_factory.begin() as session:
         changed = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == source).values(**values)
+            update(Job).where(held_by(job.id, job.run_id or "")).values(**values)
         ).rowcount
         if changed:
-            session.add(new_event(job_id, event, level=level, data=values.get("error")))
+            session.add(new_event(job.id, event, level=level, data=values.get("error")))
     return bool(changed)
 
 
@@ -66,6 +72,7 @@ def _claim(context: WorkerContext, job_id: str, task_id: str | None) -> Job | No
                 status=JobStatus.RUNNING,
                 attempts=Job.attempts + 1,
                 task_id=task_id,
+                run_id=secrets.token_hex(16),
                 heartbeat_at=now,
                 started_at=func.coalesce(Job.started_at, now),
             )
@@ -87,6 +94,16 @@ def _dataset_opener(context: WorkerContext, file_id: str, param: str) -> Callabl
     return partial(context.storage.open, key)
 
 
+def _resume_point(context: WorkerContext, job: Job, recorder: JobRecorder) -> Path | None:
+    """The trainer state an earlier run of this job kept, as a local directory."""
+    step = latest_resume_step(context.storage, job.id)
+    if step is None:
+        return None
+    recorder.event(f"Resuming from the checkpoint saved at step {step}", data={"step": step})
+    cache = _workdir(context, job.id) / "resume"
+    return context.storage.local_directory(resume_key(job.id, step), cache)
+
+
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
     validation = job.validation_file_id
     run = TrainingRun(
@@ -100,37 +117,53 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         workdir=_workdir(context, job.id),
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
+        resume_from=_resume_point(context, job, recorder),
     )
     return train(run, recorder)
+
+
+def _stopped(context: WorkerContext, job: Job, recorder: JobRecorder, steps: int) -> bool:
+    """Record why a run stopped before its end; True when the job went back to the queue
+    (the worker is shutting down), so that the task hands its message back."""
+    if shutdown_requested.is_set():
+        resume_step = latest_resume_step(context.storage, job.id) or 0
+        resumes = f" and resumes from step {resume_step}" if resume_step else ""
+        if _transition(
+            context,
+            job,
+            f"Worker shut down at step {steps}: the job is queued again{resumes}",
+            status=JobStatus.QUEUED,
+            run_id=None,
+            steps_done=resume_step,
+            epoch=None,
+            estimated_finish=None,
+        ):
+            return True
+    with context.session_factory() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job.id))
+    if status == JobStatus.CANCELLED:
+        recorder.event(f"Training stopped at step {steps}: the job was cancelled")
+    else:
+        recorder.event(
+            f"Training stopped at step {steps}: the job was taken from this worker, whose "
+            "heartbeat was late, and queued again",
+            level="warn",
+        )
+    return False
 
 
 def _finish(
     context: WorkerContext, job: Job, recorder: JobRecorder, outcome: TrainingOutcome
 ) -> bool:
-    """Record how the run ended; True when the job went back to the queue (the worker is
-    shutting down), so that the task hands its message back."""
+    """Record how the run ended; True when the job went back to the queue."""
     if outcome.adapter_dir is None:
-        if shutdown_requested.is_set():
-            return _transition(
-                context,
-                job.id,
-                JobStatus.RUNNING,
-                f"Worker shut down at step {outcome.steps}: the job is queued again",
-                status=JobStatus.QUEUED,
-                steps_done=0,
-                total_steps=None,
-                epoch=None,
-                estimated_finish=None,
-            )
-        recorder.event(f"Training stopped at step {outcome.steps}: the job was cancelled")
-        return False
+        return _stopped(context, job, recorder, outcome.steps)
     key = adapter_key(job.id)
     context.storage.put_directory(outcome.adapter_dir, key)
     name = job.fine_tuned_model_name()
     succeeded = _transition(
         context,
-        job.id,
-        JobStatus.RUNNING,
+        job,
         f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
         f"the adapter is served as {name}",
         status=JobStatus.SUCCEEDED,
@@ -145,17 +178,26 @@ def _finish(
     return False
 
 
-def _fail(context: WorkerContext, job_id: str, failure: TrainingFailure) -> None:
+def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
     _transition(
         context,
-        job_id,
-        JobStatus.RUNNING,
+        job,
         f"Job failed: {failure.message}",
         status=JobStatus.FAILED,
         error=failure.as_error(),
         finished_at=utcnow(),
         estimated_finish=None,
     )
+
+
+def _forget_resume_state(
+    session_factory: sessionmaker[Session], storage: ArtifactStorage, job_id: str
+) -> None:
+    """Remove the trainer state kept to resume the job once it has ended for good."""
+    with session_factory() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None or status.is_final:
+        storage.delete(resume_key(job_id))
 
 
 def _as_failure(error: BaseException) -> TrainingFailure:
@@ -183,15 +225,21 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
     if job is None:
         logger.info("job %s is not queued (cancelled, or already taken): skipped", job_id)
         return False
-    recorder = JobRecorder(context.session_factory, context.storage, job.id)
+    run_id = job.run_id or ""
+    recorder = JobRecorder(context.session_factory, context.storage, job.id, run_id)
+    interval = context.settings.worker_timeout_seconds / 6
     requeued = False
     try:
-        with Heartbeat(context.session_factory, job.id):
+        with Heartbeat(context.session_factory, job.id, run_id, interval):
             try:
                 requeued = _finish(context, job, recorder, _train(context, job, recorder))
             except Exception as error:
                 logger.exception("job %s failed", job.id)
-                _fail(context, job.id, _as_failure(error))
+                _fail(context, job, _as_failure(error))
     finally:
         shutil.rmtree(_workdir(context, job.id), ignore_errors=True)
+        try:
+            _forget_resume_state(context.session_factory, context.storage, job.id)
+        except Exception:
+            logger.exception("could not remove the resume state of job %s", job.id)
     return requeued

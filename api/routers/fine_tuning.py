@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from sqlalchemy import delete, select, update
 
-from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, owned_row
+from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, StorageDep, owned_row
 from afina.api.errors import APIError, not_found, shown_id
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.jobs import (
@@ -22,6 +22,7 @@ from afina.api.schemas.jobs import (
 from afina.core import base_models
 from afina.core.ids import new_id
 from afina.core.job_config import resolve_config
+from afina.core.storage import resume_key
 from afina.models import (
     UNFINISHED,
     File,
@@ -33,7 +34,7 @@ from afina.models import (
     new_event,
 )
 from afina.models.base import utcnow
-from afina.worker.celery_app import TRAIN_TASK
+from afina.worker.enqueue import enqueue
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def create_job(
     db.add(new_event(job.id, "Job queued"))
     db.commit()
     try:
-        queue.send_task(TRAIN_TASK, args=[job.id])
+        enqueue(queue, db, job.id)
     except Exception as error:
         logger.error("could not queue job %s: %s", job.id, error)
         db.execute(delete(Job).where(Job.id == job.id))
@@ -151,7 +152,7 @@ def retrieve_job(job: OwnedJob) -> JobObject:
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
-def cancel_job(job: OwnedJob, db: DbDep) -> JobObject:
+def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
     # One conditional UPDATE decides against the worker finishing the job at the same time.
     cancelled = db.execute(
         update(Job)
@@ -161,6 +162,8 @@ def cancel_job(job: OwnedJob, db: DbDep) -> JobObject:
     if cancelled:
         db.add(new_event(job.id, "Job cancelled"))
     db.commit()
+    if cancelled:  # a job waiting to resume keeps nothing of its runs
+        storage.delete(resume_key(job.id))
     db.refresh(job)
     if not cancelled:
         raise APIError(

@@ -39,13 +39,14 @@ def _broker_url(database_url: str, data_dir: Path) -> str:
     return url
 
 
-def stack_settings(database_url: str, data_dir: Path) -> Settings:
+def stack_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:
     return Settings(
         _env_file=None,
         data_dir=data_dir,
         database_url=database_url,
         broker_url=_broker_url(database_url, data_dir),
         api_keys=[],
+        **overrides,
     )
 
 
@@ -59,6 +60,7 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
         "AFINA_DATABASE_URL": settings.database_url or "",
         "AFINA_BROKER_URL": settings.broker_url or "",
         "AFINA_API_KEYS": "",
+        "AFINA_WORKER_TIMEOUT_SECONDS": str(settings.worker_timeout_seconds),
     }
     with (settings.data_dir / "worker.log").open("ab") as log:
         worker = subprocess.Popen(

@@ -1,6 +1,7 @@
 """The trainer callback that reports a run as it goes: a metric point per logging step
 (loss, eval_loss, learning rate, grad norm, tokens/s), progress and ETA per step, events at
-milestones, each checkpoint, and a stop at the next step once the job is cancelled."""
+milestones, each checkpoint, and a stop at the next step once the job is cancelled (or, with
+a checkpoint to resume from, once the worker shuts down)."""
 
 import math
 import time
@@ -21,6 +22,10 @@ class Reporter(Protocol):
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
     ) -> bool:
         """Record progress; False once the run must stop (cancelled, worker stopping)."""
+        ...
+
+    def save_before_stopping(self) -> bool:
+        """Whether a run told to stop saves a checkpoint first, to be resumed later."""
         ...
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None: ...
@@ -49,10 +54,14 @@ class ProgressCallback(TrainerCallback):
         self.tokens_at_last_log = state.num_input_tokens_seen
         self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, None)
         span = "" if args.max_steps > 0 else f" over {args.num_train_epochs:g} epoch(s)"
+        begun = (
+            f"Training resumed at step {state.global_step} of {state.max_steps}"
+            if state.global_step
+            else f"Training started: {state.max_steps} steps{span}"
+        )
         self.reporter.event(
-            f"Training started: {state.max_steps} steps{span}, "
-            f"logging every {state.logging_steps} step(s)",
-            data={"total_steps": state.max_steps},
+            f"{begun}, logging every {state.logging_steps} step(s)",
+            data={"total_steps": state.max_steps, "step": state.global_step},
         )
 
     def on_log(
@@ -103,6 +112,8 @@ class ProgressCallback(TrainerCallback):
         ):
             self.stopped_early = True
             control.should_training_stop = True
+            # The Trainer saves right after this step when asked: `on_save` then keeps it.
+            control.should_save = control.should_save or self.reporter.save_before_stopping()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any

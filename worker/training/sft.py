@@ -42,6 +42,7 @@ class TrainingRun:
     workdir: Path
     max_line_bytes: int
     trust_remote_code: bool = False
+    resume_from: Path | None = None  # a trainer checkpoint of an earlier run of this job
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job, not to stdout
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     state = trainer.state
     if callback.stopped_early:
         return TrainingOutcome(config, None, state.global_step, state.num_input_tokens_seen)
