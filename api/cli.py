@@ -274,14 +274,29 @@ def list_keys(
 
 @keys_app.command("revoke")
 def revoke_key(
-    key_id: Annotated[str, typer.Argument(help="The key's id, as `afina keys list` shows it.")],
+    key: Annotated[
+        str | None,
+        typer.Argument(help="The key's id, as `afina keys list` shows it, or the key itself."),
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project",
+            "-p",
+            help="Every stored key of this project (with KEY: only if it is this project's).",
+        ),
+    ] = None,
 ) -> None:
-    """Revoke a stored key: it stops working at its next request."""
-    row = keys.revoke_key(_keys_database(), key_id)
-    if row is None:
-        typer.echo(f"afina: no stored key with id {key_id!r} (see `afina keys list`)", err=True)
+    """Revoke stored keys: each stops working at its next request. A service that has had a
+    key stays closed to callers without one, even once every key is revoked."""
+    if key is None and project is None:
+        raise typer.BadParameter("name a key (its id, or the key) or --project", param_hint="KEY")
+    rows = keys.revoke_keys(_keys_database(), key, project)
+    if not rows:
+        typer.echo("afina: no stored key matches (see `afina keys list`)", err=True)
         raise typer.Exit(1)
-    typer.echo(f"Revoked {row.id} (project {row.project}).")
+    for row in rows:
+        typer.echo(f"Revoked {row.id} (project {row.project}).")
 
 
 @app.command()

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.ids import new_id
@@ -98,16 +98,23 @@ def list_keys(
         return session.scalars(query).all()
 
 
-def revoke_key(session_factory: sessionmaker[Session], key_id: str) -> ApiKey | None:
-    """Revoke a stored key (it stops working at the next request); None if there is none
-    with that id. Revoking a revoked key changes nothing."""
+def revoke_keys(
+    session_factory: sessionmaker[Session], key: str | None, project: str | None
+) -> Sequence[ApiKey]:
+    """Revoke the stored keys that `key` (a key's id, or the key itself) and `project` name;
+    they stop working at their next request. Returns every key named, revoked before or
+    now; revoking a revoked key changes nothing."""
+    named = []
+    if key is not None:
+        named.append(or_(ApiKey.id == key, ApiKey.key_hash == digest(key)))
+    if project is not None:
+        named.append(ApiKey.project == project)
+    assert named, "name a key, a project, or both"
     with session_factory.begin() as session:
         session.execute(
-            update(ApiKey)
-            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
+            update(ApiKey).where(*named, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
         )
-        return session.get(ApiKey, key_id)
+        return session.scalars(select(ApiKey).where(*named).order_by(ApiKey.created_at)).all()
 
 
 def any_stored_key(session_factory: sessionmaker[Session]) -> bool:

@@ -54,3 +54,22 @@ def test_serve_refuses_an_open_api_beyond_loopback(tmp_path, host):
     assert result.returncode == 2
     assert "AFINA_API_KEYS" in result.stderr
     assert not (tmp_path / "data" / "afina.db").exists()  # refused before touching anything
+
+
+def test_serve_beyond_loopback_with_a_stored_key_needs_it(tmp_path):
+    env = {**os.environ, "AFINA_DATA_DIR": str(tmp_path / "data"), "AFINA_API_KEYS": ""}
+    env.pop("AFINA_DATABASE_URL", None)
+    created = subprocess.run(
+        [AFINA, "keys", "create", "--project", "alpha"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    key = created.stdout.strip()
+    with afina_serve(tmp_path, "--host", "0.0.0.0", "--no-worker") as (base, _server):
+        assert httpx.get(f"{base}/v1/files").status_code == 401
+        answer = httpx.get(f"{base}/v1/files", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+    assert "callers need an API key" in (tmp_path / "serve.log").read_text()
