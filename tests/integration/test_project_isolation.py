@@ -72,9 +72,8 @@ CONFIG = JobConfig(
     quantization=QuantizationSettings(),
     training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
 ).model_dump(mode="json")
-# FastAPI's own pages, the health probes and the Prometheus metrics name no project's objects.
+# FastAPI's own pages and the health probes name no project's objects.
 OUT_OF_MATRIX = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz"}
-OUT_OF_MATRIX |= {"/metrics"}
 
 
 @pytest.fixture(autouse=True)
