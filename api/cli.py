@@ -55,7 +55,11 @@ def _start_worker() -> subprocess.Popen[bytes]:
     # Its own session: a Ctrl-C at the terminal reaches `afina serve`, which stops the
     # worker itself, after the API.
     env = {**os.environ, "AFINA_WORKER_PARENT_PID": str(os.getpid())}
-    return subprocess.Popen([sys.executable, "-m", "afina.worker"], env=env, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "afina.worker"], env=env, start_new_session=True
+    )
+    logger.info("started the training worker (pid %d)", worker.pid)
+    return worker
 
 
 def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
@@ -70,52 +74,65 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+def _how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 class WorkerSupervisor:
     """The training worker that `afina serve` runs beside the API: started with it, started
     again when it dies (after a pause that doubles, up to 30 s, while it keeps dying within
-    a minute), stopped with it. The job it was running is the reconciler's to re-queue."""
+    a minute or cannot be started at all), stopped with it. The job it was running is the
+    reconciler's to re-queue: the job's events say so ("Worker lost ...", then "Job started
+    (attempt N)"), and serve's log says which worker died, and how."""
 
     FIRST_DELAY, MAX_DELAY, STEADY_SECONDS = 1.0, 30.0, 60.0
 
     def __init__(self) -> None:
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
         self._worker = _start_worker()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
+        # Only this thread replaces `_worker`; `stop` joins it before it stops the last one.
         delay = self.FIRST_DELAY
         started = time.monotonic()
         while not self._stopping.wait(0.5):
-            code = self._worker.poll()
+            code = self._worker.poll()  # reaps a dead worker: it stays no zombie
             if code is None:
                 continue
             lived = time.monotonic() - started
             if lived > self.STEADY_SECONDS:
                 delay = self.FIRST_DELAY
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             logger.warning(
                 "the training worker (pid %d) %s after %.0f s: starting another in %.0f s",
                 self._worker.pid,
-                how,
+                _how_it_ended(code),
                 lived,
                 delay,
             )
-            if self._stopping.wait(delay):
-                return
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                self._worker = _start_worker()
+            while not self._stopping.wait(delay):
+                delay = min(delay * 2, self.MAX_DELAY)
+                try:
+                    self._worker = _start_worker()
+                    break
+                except OSError as error:  # keep supervising: the next try may work
+                    logger.error(
+                        "could not start a training worker (%s): trying again in %.0f s",
+                        error,
+                        delay,
+                    )
             started = time.monotonic()
-            delay = min(delay * 2, self.MAX_DELAY)
 
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join()
-        with self._lock:
-            _stop_worker(self._worker)
+        _stop_worker(self._worker)
 
 
 GRACEFUL_SHUTDOWN_SECONDS = 20

@@ -101,6 +101,8 @@ class ArtifactStorage:
 
     def names(self, key: str) -> list[str]:
         """The names of the objects directly under `key` that are whole (not being written)."""
+        # Object stores' file systems keep listings for ever; other processes write here.
+        self.fs.invalidate_cache(self.path(key))
         try:
             paths = self.fs.ls(self.path(key), detail=False)
         except FileNotFoundError:

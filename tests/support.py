@@ -3,6 +3,7 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from afina.core.settings import Settings
 from afina.models.session import make_engine, make_session_factory
@@ -143,3 +146,18 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(stat.parent.name))
     return children
+
+
+REDIS_URL = os.environ.get("AFINA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def broker_url_for(database_url: str, data_dir: Path) -> str:
+    """The broker that goes with a test database: a SQLite broker file in `data_dir` beside
+    SQLite, a Redis database of its own (emptied) beside PostgreSQL."""
+    if make_url(database_url).get_backend_name() == "sqlite":
+        return f"sqla+sqlite:///{data_dir / 'broker.db'}"
+    url = f"{REDIS_URL}/{secrets.randbelow(15) + 1}"
+    connection = redis.Redis.from_url(url)
+    connection.flushdb()  # a database of its own, emptied: no message of an earlier run
+    connection.close()
+    return url

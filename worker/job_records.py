@@ -2,9 +2,10 @@
 (with the whole trainer state, to resume from), and the heartbeat; and whether the job should
 stop (cancelled, taken from this run, or the worker shutting down).
 
-A run holds its job by its `run_id`: progress and heartbeats are written only while the job
-is `running` under that id, so a run whose job was taken back (its worker was thought lost)
-writes nothing more and stops at its next step.
+A run holds its job by its `run_id`: everything it writes (progress, heartbeats, events,
+metric points, checkpoints) is written only while the job is `running` under that id, so a
+run whose job was taken back (its worker was thought lost, then came back: a frozen process,
+a lost database connection) or cancelled writes nothing more and stops at its next step.
 """
 
 import logging
@@ -35,6 +36,17 @@ def held_by(job_id: str, run_id: str) -> ColumnElement[bool]:
     return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.run_id == run_id)
 
 
+def hold(session: Session, job_id: str, run_id: str) -> bool:
+    """Whether the run still holds the job, found by an UPDATE that stamps its heartbeat: what
+    the caller writes in the same transaction lands only while it does. The reconciler takes
+    a job back with a conditional UPDATE too, so one of the two waits for the other: either
+    the job is taken back first and this finds it gone, or the fresh stamp keeps it here."""
+    stamped = session.execute(
+        update(Job).where(held_by(job_id, run_id)).values(heartbeat_at=utcnow())
+    ).rowcount
+    return bool(stamped)
+
+
 class JobRecorder:
     """The `Reporter` of one job's run, writing to its rows."""
 
@@ -50,15 +62,23 @@ class JobRecorder:
         self.job_id = job_id
         self.run_id = run_id
 
+    def held(self) -> bool:
+        with self.session_factory.begin() as session:
+            return hold(session, self.job_id, self.run_id)
+
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
     ) -> None:
         with self.session_factory.begin() as session:
-            session.add(new_event(self.job_id, message, level=level, data=data))
+            if hold(session, self.job_id, self.run_id):
+                session.add(new_event(self.job_id, message, level=level, data=data))
 
     def metric(self, step: int, values: dict[str, float | None]) -> None:
+        # A resumed run writes again the steps it repeats; a run whose job was taken back
+        # must not overwrite those of the run that holds it now.
         with self.session_factory.begin() as session:
-            session.merge(JobMetric(job_id=self.job_id, step=step, at=utcnow(), **values))
+            if hold(session, self.job_id, self.run_id):
+                session.merge(JobMetric(job_id=self.job_id, step=step, at=utcnow(), **values))
 
     def progress(
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
@@ -85,15 +105,20 @@ class JobRecorder:
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
         """Keep a trainer checkpoint: its adapter, for the user, and the whole trainer state
-        (optimizer, scheduler, RNG), to resume from; only the newest state is kept."""
+        (optimizer, scheduler, RNG), to resume from; only the newest state is kept.
+
+        Only while the run holds the job: a run whose job was taken back must not replace or
+        delete the state the next run resumes from, nor list checkpoints in its name, and a
+        cancelled job keeps nothing."""
+        if not self.held():
+            return
         self.storage.put_directory(
             Path(directory), checkpoint_key(self.job_id, step), names=ADAPTER_FILES
         )
         self.storage.put_directory(Path(directory), resume_key(self.job_id, step))
-        for name in self.storage.names(resume_key(self.job_id)):
-            if name != f"step-{step}":
-                self.storage.delete(f"{resume_key(self.job_id)}/{name}")
         with self.session_factory.begin() as session:
+            if not hold(session, self.job_id, self.run_id):
+                return  # lost while uploading: the run's end removes it if the job is over
             session.execute(
                 delete(JobCheckpoint).where(
                     JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == step
@@ -105,6 +130,9 @@ class JobRecorder:
             session.add(
                 new_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
             )
+        for name in self.storage.names(resume_key(self.job_id)):
+            if name != f"step-{step}":
+                self.storage.delete(f"{resume_key(self.job_id)}/{name}")
 
 
 class Heartbeat:
@@ -121,15 +149,15 @@ class Heartbeat:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
+    def beat(self) -> bool:
+        """Stamp the heartbeat; False when the run no longer holds the job."""
+        with self.session_factory.begin() as session:
+            return hold(session, self.job_id, self.run_id)
+
     def _beat(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
-                with self.session_factory.begin() as session:
-                    session.execute(
-                        update(Job)
-                        .where(held_by(self.job_id, self.run_id))
-                        .values(heartbeat_at=utcnow())
-                    )
+                self.beat()
             except Exception:
                 logger.exception("heartbeat of %s failed; trying again", self.job_id)
 

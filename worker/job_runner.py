@@ -11,6 +11,7 @@ import logging
 import secrets
 import shutil
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,8 +47,17 @@ class WorkerContext:
     storage: ArtifactStorage
 
 
-def _workdir(context: WorkerContext, job_id: str) -> Path:
-    return context.settings.data_dir / "work" / job_id
+def _workdir(context: WorkerContext, job: Job) -> Path:
+    """The run's scratch space. Its own, not the job's: workers may share the data dir, and a
+    run whose job was taken back may still be going while the next run of the job starts."""
+    return context.settings.data_dir / "work" / job.id / (job.run_id or "")
+
+
+def _remove_workdir(context: WorkerContext, job: Job) -> None:
+    workdir = _workdir(context, job)
+    shutil.rmtree(workdir, ignore_errors=True)
+    with suppress(OSError):  # still holds another run's
+        workdir.parent.rmdir()
 
 
 def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
@@ -100,7 +110,7 @@ def _resume_point(context: WorkerContext, job: Job, recorder: JobRecorder) -> Pa
     if step is None:
         return None
     recorder.event(f"Resuming from the checkpoint saved at step {step}", data={"step": step})
-    cache = _workdir(context, job.id) / "resume"
+    cache = _workdir(context, job) / "resume"
     return context.storage.local_directory(resume_key(job.id, step), cache)
 
 
@@ -114,7 +124,7 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         validation_data=(
             _dataset_opener(context, validation, "validation_file") if validation else None
         ),
-        workdir=_workdir(context, job.id),
+        workdir=_workdir(context, job),
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
         resume_from=_resume_point(context, job, recorder),
@@ -122,7 +132,7 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
     return train(run, recorder)
 
 
-def _stopped(context: WorkerContext, job: Job, recorder: JobRecorder, steps: int) -> bool:
+def _stopped(context: WorkerContext, job: Job, steps: int) -> bool:
     """Record why a run stopped before its end; True when the job went back to the queue
     (the worker is shutting down), so that the task hands its message back."""
     if shutdown_requested.is_set():
@@ -134,21 +144,30 @@ def _stopped(context: WorkerContext, job: Job, recorder: JobRecorder, steps: int
             f"Worker shut down at step {steps}: the job is queued again{resumes}",
             status=JobStatus.QUEUED,
             run_id=None,
+            # The task hands its message back; should the worker die before it does, the
+            # reconciler sends another (a second message is harmless).
+            enqueued_at=None,
             steps_done=resume_step,
             epoch=None,
             estimated_finish=None,
         ):
             return True
-    with context.session_factory() as session:
+    # The run no longer holds the job: these events are written all the same, to say why.
+    with context.session_factory.begin() as session:
         status = session.scalar(select(Job.status).where(Job.id == job.id))
-    if status == JobStatus.CANCELLED:
-        recorder.event(f"Training stopped at step {steps}: the job was cancelled")
-    else:
-        recorder.event(
-            f"Training stopped at step {steps}: the job was taken from this worker, whose "
-            "heartbeat was late, and queued again",
-            level="warn",
-        )
+        if status == JobStatus.CANCELLED:
+            session.add(
+                new_event(job.id, f"Training stopped at step {steps}: the job was cancelled")
+            )
+        else:
+            session.add(
+                new_event(
+                    job.id,
+                    f"Training stopped at step {steps}: the job was taken from this run, "
+                    "whose worker's heartbeat was late",
+                    level="warn",
+                )
+            )
     return False
 
 
@@ -157,7 +176,9 @@ def _finish(
 ) -> bool:
     """Record how the run ended; True when the job went back to the queue."""
     if outcome.adapter_dir is None:
-        return _stopped(context, job, recorder, outcome.steps)
+        return _stopped(context, job, outcome.steps)
+    if not recorder.held():  # cancelled, or taken back: the adapter is not this run's to save
+        return _stopped(context, job, outcome.steps)
     key = adapter_key(job.id)
     context.storage.put_directory(outcome.adapter_dir, key)
     name = job.fine_tuned_model_name()
@@ -173,8 +194,11 @@ def _finish(
         finished_at=utcnow(),
         estimated_finish=None,
     )
-    if not succeeded:  # cancelled while the adapter was saved: keep nothing of it
-        context.storage.delete(key)
+    if not succeeded:  # lost while the adapter was saved: keep nothing of it...
+        with context.session_factory() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job.id))
+        if status != JobStatus.SUCCEEDED:  # ...unless another run of the job finished it
+            context.storage.delete(key)
     return False
 
 
@@ -237,7 +261,7 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
                 logger.exception("job %s failed", job.id)
                 _fail(context, job, _as_failure(error))
     finally:
-        shutil.rmtree(_workdir(context, job.id), ignore_errors=True)
+        _remove_workdir(context, job)
         try:
             _forget_resume_state(context.session_factory, context.storage, job.id)
         except Exception:

@@ -83,13 +83,22 @@ class Reconciler:
                     Job.updated_at < now - timedelta(seconds=UNSENT_GRACE_SECONDS),
                 )
             ).all()
+        # Once a message cannot be sent (the broker is down), the others of this pass are
+        # not tried: their jobs keep an empty `enqueued_at`, and a later pass sends them.
+        broker_up = True
         for job in lost:
-            self._take_back(job, now, cutoff)
+            try:
+                if self._take_back(job, now, cutoff) and broker_up:
+                    broker_up = self._send(job.id)
+            except Exception:
+                logger.exception("could not take back job %s; trying again later", job.id)
         for job_id in unsent:
-            logger.warning("job %s was queued without a message: sending it", job_id)
-            self._send(job_id)
+            if broker_up:
+                logger.warning("job %s was queued without a message: sending it", job_id)
+                broker_up = self._send(job_id)
 
-    def _take_back(self, job: Row[Any], now: datetime, cutoff: datetime) -> None:
+    def _take_back(self, job: Row[Any], now: datetime, cutoff: datetime) -> bool:
+        """Queue the job again, or fail it; True when it needs its message sent."""
         lost_workers = job.lost_workers + 1
         silent = (now - job.heartbeat_at).total_seconds()
         lost = f"at step {job.steps_done} (no heartbeat for {silent:.0f} s)"
@@ -112,9 +121,9 @@ class Reconciler:
             )
             if failed:
                 self.storage.delete(resume_key(job.id))
-            return
+            return False
         resume_step = latest_resume_step(self.storage, job.id) or 0
-        if self._change(
+        return self._change(
             job.id,
             cutoff,
             f"Worker lost {lost}: queued again, to resume from step {resume_step} "
@@ -127,8 +136,7 @@ class Reconciler:
             steps_done=resume_step,
             epoch=None,
             estimated_finish=None,
-        ):
-            self._send(job.id)
+        )
 
     def _change(self, job_id: str, cutoff: datetime, event: str, level: str, **values: Any) -> bool:
         """Apply the change if the job is still running with a stale heartbeat."""
@@ -146,9 +154,11 @@ class Reconciler:
                 )
         return bool(changed)
 
-    def _send(self, job_id: str) -> None:
+    def _send(self, job_id: str) -> bool:
         try:
             with self.session_factory() as session:
                 enqueue(self.queue, session, job_id)
-        except Exception:
-            logger.exception("could not queue job %s; trying again later", job_id)
+        except Exception as error:
+            logger.warning("could not queue job %s (%r); trying again later", job_id, error)
+            return False
+        return True

@@ -3,7 +3,6 @@ process beside the app, on each backend. Embedded: SQLite and kombu's SQLAlchemy
 it. Production: the real PostgreSQL and Redis servers."""
 
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -12,15 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import make_url
 
 from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.worker.demo_model import build_demo_model
+from tests.support import broker_url_for
 
-REDIS_URL = os.environ.get("AFINA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -29,22 +26,12 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
-def _broker_url(database_url: str, data_dir: Path) -> str:
-    if make_url(database_url).get_backend_name() == "sqlite":
-        return f"sqla+sqlite:///{data_dir / 'broker.db'}"
-    url = f"{REDIS_URL}/{secrets.randbelow(15) + 1}"
-    connection = redis.Redis.from_url(url)
-    connection.flushdb()  # a database of its own, emptied: no message of an earlier run
-    connection.close()
-    return url
-
-
 def stack_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:
     return Settings(
         _env_file=None,
         data_dir=data_dir,
         database_url=database_url,
-        broker_url=_broker_url(database_url, data_dir),
+        broker_url=broker_url_for(database_url, data_dir),
         api_keys=[],
         **overrides,
     )

@@ -112,8 +112,11 @@ class ProgressCallback(TrainerCallback):
         ):
             self.stopped_early = True
             control.should_training_stop = True
-            # The Trainer saves right after this step when asked: `on_save` then keeps it.
-            control.should_save = control.should_save or self.reporter.save_before_stopping()
+            # The Trainer saves right after this step when asked: `on_save` then keeps it. A
+            # run cancelled (or taken back) on a save or eval step neither saves nor evaluates:
+            # it keeps nothing, and stops at once.
+            control.should_save = self.reporter.save_before_stopping()
+            control.should_evaluate = False
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -122,7 +125,7 @@ class ProgressCallback(TrainerCallback):
         if self.stopped_early or epoch < 1 or abs((state.epoch or 0) - epoch) > 1e-6:
             return  # cut short (cancel, max_steps): not a finished epoch
         self.reporter.event(
-            f"Epoch {epoch} of {args.num_train_epochs:g} done at step {state.global_step}",
+            f"Epoch {epoch} of {state.num_train_epochs:g} done at step {state.global_step}",
             data={"step": state.global_step, "epoch": state.epoch},
         )
 

@@ -1,0 +1,606 @@
+"""The reconciler and the fencing of a job's runs, on each backend with its real broker:
+SQLite with the embedded SQLite broker, PostgreSQL with Redis.
+
+No worker process and no training: job rows are written as a worker leaves them (a `running`
+job whose heartbeat stopped, a `queued` job whose message was never sent), trainer states
+are put in storage as a run keeps them, a reconciler's pass is run directly, and what it
+sent is read back off the broker's training queue. The fencing tests then play the run that
+lost its job: whatever it still writes must change nothing.
+"""
+
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from afina.core.ids import new_id
+from afina.core.job_config import (
+    JobConfig,
+    LoraSettings,
+    QuantizationSettings,
+    ResolvedHyperparameters,
+    ResolvedTraining,
+)
+from afina.core.settings import Settings
+from afina.core.storage import (
+    TEMPORARY_MARK,
+    ArtifactStorage,
+    adapter_key,
+    checkpoint_key,
+    resume_key,
+)
+from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
+from afina.models.base import utcnow
+from afina.models.session import make_engine, make_session_factory
+from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
+from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
+from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stopped
+from afina.worker.reconciler import UNSENT_GRACE_SECONDS, Reconciler
+from afina.worker.training.errors import TrainingFailure
+from afina.worker.training.sft import TrainingOutcome
+from tests.support import broker_url_for
+
+TIMEOUT = 30.0  # AFINA_WORKER_TIMEOUT_SECONDS
+MAX_ATTEMPTS = 3
+SILENT = timedelta(seconds=3 * TIMEOUT)  # how long a lost worker's job has had no heartbeat
+STEPS_DONE = 15  # where a lost run had got to
+CONFIG = JobConfig(
+    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
+    lora=LoraSettings(),
+    quantization=QuantizationSettings(),
+    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=64),
+)
+
+
+@dataclass
+class Stack:
+    """What the API's reconciler and a worker's run share: the database, storage, broker."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    storage: ArtifactStorage
+    queue: Celery
+    transport_options: dict[str, Any]
+    opened: list[Any] = field(default_factory=list)  # closed at the end of the test
+
+    def reconciler(self, cls: type[Reconciler] = Reconciler, **overrides: Any) -> Reconciler:
+        """A reconciler as an API process runs it, with its own engine and broker
+        connection, on these settings with `overrides`."""
+        settings = self.settings.model_copy(update=overrides)
+        engine = make_engine(settings.database_url or "")
+        queue = create_celery(settings)
+        queue.conf.broker_transport_options = self.transport_options
+        self.opened += [engine, queue]
+        return cls(settings, make_session_factory(engine), self.storage, queue)
+
+    def context(self) -> WorkerContext:
+        return WorkerContext(self.settings, self.session_factory, self.storage)
+
+    def close(self) -> None:
+        for opened in [*self.opened, self.queue]:
+            if isinstance(opened, Celery):
+                opened.close()
+            else:
+                opened.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_broker_url(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Redis as the end-to-end stack gets it: a database emptied once per test run."""
+    return broker_url_for(postgres_url, tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def stack(
+    request: pytest.FixtureRequest, make_settings, clean_database: str, tmp_path: Path
+) -> Iterator[Stack]:
+    sqlite = make_url(clean_database).get_backend_name() == "sqlite"
+    settings = make_settings(
+        broker_url=(
+            broker_url_for(clean_database, tmp_path / "data")  # a broker file of the test's own
+            if sqlite
+            else request.getfixturevalue("redis_broker_url")
+        ),
+        worker_timeout_seconds=TIMEOUT,
+        max_attempts=MAX_ATTEMPTS,
+    )
+    # On Redis, keys of this test's own, on a database it does not empty again.
+    options = {} if sqlite else {"global_keyprefix": f"afina-test-{secrets.token_hex(4)}:"}
+    engine = make_engine(settings.database_url or "")
+    queue = create_celery(settings)
+    queue.conf.broker_transport_options = options
+    storage = ArtifactStorage(settings.storage_url or "")
+    stack = Stack(settings, make_session_factory(engine), storage, queue, options, [engine])
+    yield stack
+    stack.close()
+
+
+# --- rows, storage and broker, as the API and the workers leave them -------------------------
+
+
+def add_job(stack: Stack, status: JobStatus, **values: Any) -> Job:
+    job = Job(
+        id=new_id("ftjob"),
+        project="proj",
+        status=status,
+        model="org/base-model",
+        training_file_id="file-abc",
+        seed=1,
+        config=CONFIG.model_dump(mode="json"),
+        **values,
+    )
+    with stack.session_factory.begin() as session:
+        session.add(job)
+    return job
+
+
+def running_job(stack: Stack, *, silent: timedelta = SILENT, lost_workers: int = 0) -> Job:
+    """A job as its run leaves it in the database: held by that run, with a heartbeat
+    stamped `silent` ago. It is the job as that run knows it, `run_id` included."""
+    now = utcnow()
+    return add_job(
+        stack,
+        JobStatus.RUNNING,
+        run_id=secrets.token_hex(16),
+        task_id="task-1",
+        attempts=lost_workers + 1,
+        lost_workers=lost_workers,
+        steps_done=STEPS_DONE,
+        total_steps=40,
+        epoch=0.4,
+        estimated_finish=now + timedelta(hours=1),
+        enqueued_at=now - silent - timedelta(minutes=5),
+        started_at=now - silent - timedelta(minutes=1),
+        heartbeat_at=now - silent,
+    )
+
+
+def stored(stack: Stack, job_id: str) -> Job:
+    with stack.session_factory() as session:
+        return session.get_one(Job, job_id)
+
+
+def events(stack: Stack, job_id: str) -> list[JobEvent]:
+    with stack.session_factory() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)))
+
+
+def trainer_state(tmp_path: Path, step: int) -> Path:
+    """A trainer checkpoint directory, as the Trainer writes it at `step`."""
+    directory = tmp_path / "trainer" / f"checkpoint-{step}"
+    directory.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt"):
+        (directory / name).write_text(f"{name} at step {step}")
+    return directory
+
+
+def keep_resume_state(stack: Stack, tmp_path: Path, job_id: str, step: int) -> None:
+    stack.storage.put_directory(trainer_state(tmp_path, step), resume_key(job_id, step))
+
+
+def half_written_resume_state(stack: Stack, job_id: str, step: int) -> None:
+    """What a run killed while uploading its state at `step` leaves in storage."""
+    partial = Path(stack.storage.path(resume_key(job_id, step)) + f"{TEMPORARY_MARK}0badc0de")
+    partial.mkdir(parents=True)
+    (partial / "optimizer.pt").write_text("half")
+
+
+def resume_steps(stack: Stack, job_id: str) -> list[str]:
+    return stack.storage.names(resume_key(job_id))
+
+
+def take_messages(stack: Stack) -> list[str]:
+    """The job ids of the messages waiting on the training queue, taken off it."""
+    job_ids = []
+    with stack.queue.connection_for_write() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(TRAIN_QUEUE, no_ack=True)) is not None:
+            assert message.headers["task"] == TRAIN_TASK
+            args, _kwargs, _embed = message.decode()
+            job_ids.append(args[0])
+    return job_ids
+
+
+def trained(directory: Path, adapter: str) -> TrainingOutcome:
+    """How a run that trained to its end returns: with its adapter saved in `directory`."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_model.safetensors").write_text(adapter)
+    return TrainingOutcome(CONFIG, directory, steps=40, trained_tokens=1000)
+
+
+def snapshot(job: Job) -> dict[str, Any]:
+    return {column.key: getattr(job, column.key) for column in Job.__mapper__.column_attrs}
+
+
+# --- the reconciler ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kept", [(), (10, 20)], ids=["no-checkpoint", "checkpoints"])
+def test_a_job_whose_heartbeat_stopped_is_queued_again_to_resume_from_its_newest_state(
+    stack: Stack, tmp_path: Path, kept: tuple[int, ...]
+):
+    job = running_job(stack)
+    for step in kept:
+        keep_resume_state(stack, tmp_path, job.id, step)
+    half_written_resume_state(stack, job.id, 30)  # not a state to resume from
+
+    stack.reconciler().reconcile()
+
+    row = stored(stack, job.id)
+    resume_step = max(kept, default=0)
+    assert row.status == JobStatus.QUEUED
+    assert (row.lost_workers, row.attempts) == (1, 1)
+    assert row.run_id is None
+    assert row.steps_done == resume_step
+    assert (row.epoch, row.estimated_finish, row.finished_at, row.error) == (None,) * 4
+    assert row.enqueued_at is not None
+    assert row.enqueued_at > job.enqueued_at
+    (event,) = events(stack, job.id)
+    assert event.level == "warn"
+    assert event.message.startswith(f"Worker lost at step {STEPS_DONE} (no heartbeat for 9")
+    assert f"queued again, to resume from step {resume_step} " in event.message
+    assert f"(worker lost 1 time(s); the job fails at {MAX_ATTEMPTS})" in event.message
+    assert event.data == {"lost_workers": 1}
+    assert take_messages(stack) == [job.id]
+    # The state the next run resumes from is kept.
+    assert resume_steps(stack, job.id) == [f"step-{step}" for step in kept]
+
+
+def test_a_fresh_heartbeat_is_left_alone(stack: Stack):
+    # Stamped by clocks in other time zones: the same instants, wherever the API runs.
+    west, east = timezone(timedelta(hours=-5)), timezone(timedelta(hours=5))
+    fresh = running_job(stack, silent=timedelta(seconds=TIMEOUT - 10))
+    fresh_west = running_job(stack, silent=timedelta(0))
+    with stack.session_factory.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == fresh_west.id)
+            .values(heartbeat_at=utcnow().astimezone(west))
+        )
+    stale_east = running_job(stack)
+    with stack.session_factory.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == stale_east.id)
+            .values(heartbeat_at=(utcnow() - SILENT).astimezone(east))
+        )
+    before = {job.id: snapshot(stored(stack, job.id)) for job in (fresh, fresh_west)}
+
+    stack.reconciler().reconcile()
+
+    for job in (fresh, fresh_west):
+        assert snapshot(stored(stack, job.id)) == before[job.id]
+        assert events(stack, job.id) == []
+    assert stored(stack, stale_east.id).status == JobStatus.QUEUED
+    assert take_messages(stack) == [stale_east.id]
+
+
+def test_a_job_whose_worker_is_lost_max_attempts_times_fails(stack: Stack, tmp_path: Path):
+    job = running_job(stack, lost_workers=MAX_ATTEMPTS - 1)
+    keep_resume_state(stack, tmp_path, job.id, 10)
+    half_written_resume_state(stack, job.id, 20)
+
+    stack.reconciler().reconcile()
+
+    row = stored(stack, job.id)
+    assert row.status == JobStatus.FAILED
+    assert (row.lost_workers, row.attempts) == (MAX_ATTEMPTS, MAX_ATTEMPTS)
+    assert row.error is not None
+    assert (row.error["code"], row.error["param"]) == ("worker_lost", None)
+    message = row.error["message"]
+    assert message.startswith(
+        f"the worker running this job was lost {MAX_ATTEMPTS} times, the last at step "
+        f"{STEPS_DONE} (no heartbeat for 9"
+    )
+    assert "lower batch_size or training.max_seq_length" in message
+    assert row.finished_at is not None
+    assert row.finished_at > job.heartbeat_at
+    assert row.estimated_finish is None
+    (event,) = events(stack, job.id)
+    assert (event.level, event.message) == ("error", f"Job failed: {message}")
+    assert take_messages(stack) == []
+    assert not stack.storage.exists(resume_key(job.id))  # half-written state included
+
+
+def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(stack: Stack):
+    long_ago = utcnow() - timedelta(seconds=UNSENT_GRACE_SECONDS + 5)
+    unsent = add_job(stack, JobStatus.QUEUED, updated_at=long_ago)
+    just_stored = add_job(stack, JobStatus.QUEUED)  # its sender may be sending it now
+    sent = add_job(stack, JobStatus.QUEUED, updated_at=long_ago, enqueued_at=long_ago)
+
+    stack.reconciler().reconcile()
+
+    assert take_messages(stack) == [unsent.id]
+    assert stored(stack, unsent.id).enqueued_at is not None
+    assert stored(stack, just_stored.id).enqueued_at is None
+    assert stored(stack, sent.id).enqueued_at == long_ago
+    for job in (unsent, just_stored, sent):
+        assert stored(stack, job.id).status == JobStatus.QUEUED
+        assert events(stack, job.id) == []
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])
+def test_an_ended_job_is_never_touched(stack: Stack, status: JobStatus):
+    # Its heartbeat is long stale, and it has never had a message since.
+    job = running_job(stack)
+    long_ago = utcnow() - timedelta(hours=1)
+    with stack.session_factory.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(status=status, enqueued_at=None, updated_at=long_ago, finished_at=long_ago)
+        )
+    before = snapshot(stored(stack, job.id))
+
+    stack.reconciler().reconcile()
+
+    assert snapshot(stored(stack, job.id)) == before
+    assert events(stack, job.id) == []
+    assert take_messages(stack) == []
+
+
+@pytest.mark.parametrize("lost_workers", [0, MAX_ATTEMPTS - 1], ids=["requeued", "failed"])
+def test_two_reconcilers_at_once_take_a_job_back_once(
+    stack: Stack, tmp_path: Path, lost_workers: int
+):
+    """Two API processes: both find the job lost before either takes it back."""
+    job = running_job(stack, lost_workers=lost_workers)
+    keep_resume_state(stack, tmp_path, job.id, 10)
+    both_found_it = threading.Barrier(2, timeout=30)
+
+    class Racing(Reconciler):
+        def _take_back(self, *args: Any) -> bool:
+            both_found_it.wait()
+            return super()._take_back(*args)
+
+    reconcilers = [stack.reconciler(Racing) for _ in range(2)]
+    failures: list[BaseException] = []
+
+    def run(reconciler: Reconciler) -> None:
+        try:
+            reconciler.reconcile()
+        except BaseException as error:  # pragma: no cover - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in reconcilers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+    row = stored(stack, job.id)
+    assert row.lost_workers == lost_workers + 1
+    (event,) = events(stack, job.id)
+    if lost_workers + 1 < MAX_ATTEMPTS:
+        assert row.status == JobStatus.QUEUED
+        assert event.message.startswith("Worker lost")
+        assert take_messages(stack) == [job.id]
+    else:
+        assert row.status == JobStatus.FAILED
+        assert event.message.startswith("Job failed")
+        assert take_messages(stack) == []
+
+
+def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack: Stack):
+    job = running_job(stack)
+    # Nothing listens on port 1: the message cannot be sent.
+    stack.reconciler(broker_url="redis://127.0.0.1:1/0").reconcile()
+
+    row = stored(stack, job.id)
+    assert row.status == JobStatus.QUEUED
+    assert row.enqueued_at is None  # still to be sent
+    assert len(events(stack, job.id)) == 1
+
+    reconciler = stack.reconciler()
+    reconciler.reconcile()  # within the grace a new job's sender has: not yet
+    assert take_messages(stack) == []
+    long_ago = utcnow() - timedelta(seconds=UNSENT_GRACE_SECONDS + 5)
+    with stack.session_factory.begin() as session:
+        session.execute(update(Job).where(Job.id == job.id).values(updated_at=long_ago))
+    reconciler.reconcile()
+
+    assert take_messages(stack) == [job.id]
+    row = stored(stack, job.id)
+    assert (row.status, row.lost_workers) == (JobStatus.QUEUED, 1)
+    assert row.enqueued_at is not None
+    assert len(events(stack, job.id)) == 1
+
+
+# --- a run whose job was taken back -----------------------------------------------------------
+
+
+def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: Path):
+    old = running_job(stack)  # the job as the lost run knows it
+    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
+    old_heartbeat = Heartbeat(stack.session_factory, old.id, old.run_id or "", TIMEOUT / 6)
+    keep_resume_state(stack, tmp_path, old.id, 10)
+
+    stack.reconciler().reconcile()
+    assert stored(stack, old.id).status == JobStatus.QUEUED
+    assert old_run.progress(16, 40, 0.4, None) is False
+    assert take_messages(stack) == [old.id]
+
+    # The next worker takes the message: a new run holds the job.
+    new = _claim(stack.context(), old.id, task_id="task-2")
+    assert new is not None
+    assert new.run_id not in (None, old.run_id)
+    assert new.attempts == 2
+    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+    assert new_run.progress(11, 40, 0.3, None) is True
+    new_run.metric(11, {"loss": 1.0})
+    before = snapshot(stored(stack, old.id))
+    events_before = {event.id for event in events(stack, old.id)}
+
+    # The lost run comes back (a frozen process, a database it could not reach) and goes on.
+    assert old_run.progress(17, 40, 0.45, utcnow()) is False
+    assert old_heartbeat.beat() is False
+    old_run.event("Step 17: eval_loss 1.2345")
+    old_run.metric(11, {"loss": 9.0})
+    old_run.metric(17, {"loss": 9.0})
+    old_run.checkpoint(20, str(trainer_state(tmp_path, 20)), {"step": 20})
+    _fail(stack.context(), old, TrainingFailure("training_error", "the lost run failed"))
+    outcome = trained(tmp_path / "old", "the lost run's adapter")
+    assert _finish(stack.context(), old, old_run, outcome) is False
+
+    assert snapshot(stored(stack, old.id)) == before  # heartbeat_at included
+    with stack.session_factory() as session:
+        metrics = list(session.scalars(select(JobMetric).where(JobMetric.job_id == old.id)))
+        checkpoints = list(session.scalars(select(JobCheckpoint)))
+    assert [(m.step, m.loss) for m in metrics] == [(11, 1.0)]
+    assert checkpoints == []
+    assert resume_steps(stack, old.id) == ["step-10"]  # what the new run resumes from
+    assert not stack.storage.exists(checkpoint_key(old.id, 20))
+    assert not stack.storage.exists(adapter_key(old.id))
+    # Its one word: why it stopped.
+    (said,) = [event for event in events(stack, old.id) if event.id not in events_before]
+    assert said.message == (
+        "Training stopped at step 40: the job was taken from this run, whose worker's "
+        "heartbeat was late"
+    )
+    assert said.level == "warn"
+
+    # The run that holds the job writes as before.
+    new_run.checkpoint(20, str(trainer_state(tmp_path / "new", 20)), {"step": 20})
+    assert resume_steps(stack, old.id) == ["step-20"]
+    assert stack.storage.exists(checkpoint_key(old.id, 20))
+    assert Heartbeat(stack.session_factory, new.id, new.run_id or "", 5).beat() is True
+
+
+def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_handing_its_back(
+    stack: Stack, tmp_path: Path
+):
+    job = running_job(stack, silent=timedelta(0))
+    keep_resume_state(stack, tmp_path, job.id, 10)
+    shutdown_requested.set()
+    try:
+        assert _stopped(stack.context(), job, STEPS_DONE) is True
+    finally:
+        shutdown_requested.clear()
+    row = stored(stack, job.id)
+    assert (row.status, row.run_id, row.steps_done) == (JobStatus.QUEUED, None, 10)
+    assert row.enqueued_at is None
+    assert row.lost_workers == 0
+    # The worker was killed before its message went back to the broker.
+    with stack.session_factory.begin() as session:
+        long_ago = utcnow() - timedelta(seconds=UNSENT_GRACE_SECONDS + 5)
+        session.execute(update(Job).where(Job.id == job.id).values(updated_at=long_ago))
+
+    stack.reconciler().reconcile()
+
+    assert take_messages(stack) == [job.id]
+    assert stored(stack, job.id).enqueued_at is not None
+
+
+def test_a_stopping_worker_leaves_a_job_taken_back_from_it_where_it_is(
+    stack: Stack, tmp_path: Path
+):
+    job = running_job(stack)
+    stack.reconciler().reconcile()
+    taken_back = snapshot(stored(stack, job.id))
+    shutdown_requested.set()
+    try:
+        assert _stopped(stack.context(), job, STEPS_DONE) is False  # its message is acked
+    finally:
+        shutdown_requested.clear()
+    assert snapshot(stored(stack, job.id)) == taken_back
+
+
+def test_a_lost_run_that_ends_after_the_next_run_succeeded_leaves_the_job_as_it_is(
+    stack: Stack, tmp_path: Path
+):
+    old = running_job(stack)
+    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
+    stack.reconciler().reconcile()
+    new = _claim(stack.context(), old.id, task_id="task-2")
+    assert new is not None
+    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+    outcome = trained(tmp_path / "new", "the next run's adapter")
+    assert _finish(stack.context(), new, new_run, outcome) is False
+    succeeded = snapshot(stored(stack, old.id))
+    assert succeeded["status"] == JobStatus.SUCCEEDED
+    assert succeeded["fine_tuned_model"] == new.fine_tuned_model_name()
+
+    outcome = trained(tmp_path / "old", "the lost run's adapter")
+    assert _finish(stack.context(), old, old_run, outcome) is False
+    _fail(stack.context(), old, TrainingFailure("training_error", "the lost run failed"))
+
+    assert snapshot(stored(stack, old.id)) == succeeded
+    saved = Path(stack.storage.path(adapter_key(old.id))) / "adapter_model.safetensors"
+    assert saved.read_text() == "the next run's adapter"  # neither replaced nor deleted
+
+
+def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s(
+    stack: Stack, tmp_path: Path
+):
+    old = running_job(stack, silent=timedelta(0))
+    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
+
+    def next_run_finishes_the_job() -> None:
+        """The lost run's process freezes (just before its adapter upload) long enough for
+        the reconciler to take its job back and for the next run to finish it."""
+        with stack.session_factory.begin() as session:
+            stale = utcnow() - SILENT
+            session.execute(update(Job).where(Job.id == old.id).values(heartbeat_at=stale))
+        stack.reconciler().reconcile()
+        new = _claim(stack.context(), old.id, task_id="task-2")
+        assert new is not None
+        new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+        outcome = trained(tmp_path / "new", "the next run's adapter")
+        assert _finish(stack.context(), new, new_run, outcome) is False
+
+    class FreezesBeforeUpload(ArtifactStorage):
+        def put_directory(self, local: Path, key: str, **kwargs: Any) -> None:
+            if key == adapter_key(old.id):
+                next_run_finishes_the_job()
+            super().put_directory(local, key, **kwargs)
+
+    storage = FreezesBeforeUpload(stack.settings.storage_url or "")
+    context = WorkerContext(stack.settings, stack.session_factory, storage)
+    outcome = trained(tmp_path / "old", "the lost run's adapter")
+    assert _finish(context, old, old_run, outcome) is False
+
+    row = stored(stack, old.id)
+    assert row.status == JobStatus.SUCCEEDED
+    assert (row.attempts, row.lost_workers) == (2, 1)
+    assert stack.storage.exists(adapter_key(old.id))  # the succeeded job keeps an adapter
+
+
+def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_run_s_state(
+    stack: Stack, tmp_path: Path
+):
+    old = running_job(stack, silent=timedelta(0))
+    keep_resume_state(stack, tmp_path, old.id, 10)
+
+    def taken_back() -> None:
+        """The run's process freezes in the middle of its upload, long enough for the
+        reconciler to take its job back and for the next run to start from step 10."""
+        with stack.session_factory.begin() as session:
+            stale = utcnow() - SILENT
+            session.execute(update(Job).where(Job.id == old.id).values(heartbeat_at=stale))
+        stack.reconciler().reconcile()
+        assert _claim(stack.context(), old.id, task_id="task-2") is not None
+
+    class FreezesWhileUploading(ArtifactStorage):
+        def put_directory(self, local: Path, key: str, **kwargs: Any) -> None:
+            if key == resume_key(old.id, 20):
+                taken_back()
+            super().put_directory(local, key, **kwargs)
+
+    storage = FreezesWhileUploading(stack.settings.storage_url or "")
+    old_run = JobRecorder(stack.session_factory, storage, old.id, old.run_id or "")
+    old_run.checkpoint(20, str(trainer_state(tmp_path, 20)), {"step": 20})
+
+    assert "step-10" in resume_steps(stack, old.id)  # what the next run resumes from
+    with stack.session_factory() as session:
+        assert list(session.scalars(select(JobCheckpoint))) == []
+    assert not any(e.message.startswith("Checkpoint saved") for e in events(stack, old.id))
