@@ -2,18 +2,69 @@
 
 Handlers here turn afina's own errors, FastAPI's request validation and Starlette's HTTP
 errors into that body; anything unexpected becomes a 500 with no detail (it is logged).
+The OpenAPI schema says the same: routers declare their error statuses with
+`error_responses`, and FastAPI's 422 (which afina never answers) is taken out of it.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
+from afina.core.datasets import json_limit_reason
 from afina.core.fields import field_path
 
 _CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
+
+
+class LineProblem(BaseModel):
+    line: int | None = Field(description="1-based line of the upload; null: the whole file.")
+    message: str
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: ErrorType
+    param: str | None = Field(description="The field, parameter or line the error is about.")
+    code: str | None
+    errors: list[LineProblem] | None = Field(
+        default=None, description="An upload that failed validation: its first bad lines."
+    )
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx and 5xx answer carries."""
+
+    error: ErrorObject
+
+
+_ERRORS = {
+    400: "The request is invalid: `param` names the field, parameter or upload at fault",
+    401: "No API key, or one the service does not know (`Authorization: Bearer <key>`)",
+    403: "The model is no longer allowed here (AFINA_ALLOWED_MODELS)",
+    404: "No such object in the caller's project",
+    409: "The object's state does not allow this",
+    413: "The body is over AFINA_MAX_UPLOAD_BYTES (uploads) or AFINA_MAX_JSON_BYTES",
+    429: "Too many generation requests are waiting",
+    503: "A service this request needs is unavailable: the database, the job queue or the "
+    "inference engine",
+}
+# What every route behind an API key can answer: refused keys, or a database that cannot
+# check them.
+KEYED = (401, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a router or route answering these error statuses."""
+    return {status: {"model": ErrorBody, "description": _ERRORS[status]} for status in statuses}
 
 
 class APIError(HTTPException):
@@ -87,13 +138,55 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
     return error_response(400, message, problems[0][0] or None, "invalid_request")
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path takes. Starlette's own `Allow` names only the first
+    route that matched the path, and one path often has a route per method."""
+    # Since FastAPI 0.137 an included router is one opaque entry of `app.routes`;
+    # `iter_route_contexts` opens it.
+    flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
+    methods: set[str] = set()
+    for route in flatten(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
+
+
+# What FastAPI and Starlette say when a body cannot be parsed at all; the exception they
+# raise it from says why.
+_UNPARSED_JSON = "There was an error parsing the body"
+_UNPARSED_FORM = "Invalid multipart data."
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def _unparsed_body(message: str, error: HTTPException) -> str:
+    cause = _root_cause(error)
+    reason = json_limit_reason(cause) if message == _UNPARSED_JSON else None
+    if reason is not None:
+        return f"the body is not valid JSON: {reason}"
+    if isinstance(cause, FormParserError):  # the parser's own words, no server detail
+        return f"the body is not valid multipart/form-data: {cause}"
+    return message
+
+
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     message = str(error.detail)
     if error.status_code == 404 and message == "Not Found":
         message = f"Unknown request URL: {request.method} {request.url.path}"
+    if error.status_code == 400 and message in (_UNPARSED_JSON, _UNPARSED_FORM):
+        message = _unparsed_body(message, error)
     response = error_response(error.status_code, message, code=_CODES.get(error.status_code))
     if error.headers:
         response.headers.update(error.headers)
+    if error.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
     return response
 
 
@@ -102,8 +195,38 @@ async def _unexpected_error(_request: Request, _error: Exception) -> JSONRespons
     return error_response(500, "The server had an error while processing your request.")
 
 
+SECURITY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API key: AFINA_API_KEYS or `afina keys create`.",
+}
+
+
+def _documented(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema in afina's terms: without the 422 FastAPI gives every route with
+    parameters (afina answers a request that fails validation with a 400 and the error
+    envelope), and with the API key required wherever a route documents a 401."""
+
+    def schema() -> dict[str, Any]:
+        document = openapi()
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                responses.pop("422", None)
+                if "401" in responses:
+                    operation["security"] = [{"APIKey": []}]
+        components = document.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components["securitySchemes"] = {"APIKey": SECURITY_SCHEME}
+        return document
+
+    return schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.openapi = _documented(app.openapi)  # type: ignore[method-assign]

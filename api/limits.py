@@ -1,4 +1,4 @@
-"""Refuse request bodies over the upload limit before they are read whole."""
+"""Refuse request bodies over their limit before they are read whole."""
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -7,13 +7,22 @@ from afina.api.errors import APIError, error_response
 
 # Room for the multipart envelope and the small form fields beside the file itself.
 MULTIPART_OVERHEAD = 1024 * 1024
+# The one route that takes an upload. Anywhere else a body labelled multipart is held to
+# the JSON limit: its label must not buy it the upload limit.
+UPLOAD_ROUTE = ("POST", "/v1/files")
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: without the prefix a proxy mounts it under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path.removeprefix(root) if root and path.startswith(root + "/") else path
 
 
 class BodySizeLimit:
     """Pure ASGI middleware: a Content-Length over the limit is refused at once; other
     bodies (chunked ones have no length) are counted as they arrive and refused as soon
-    as they pass the limit. Uploads (multipart) get the upload limit; every other body,
-    JSON, the much smaller AFINA_MAX_JSON_BYTES."""
+    as they pass the limit. Uploads (multipart, to the upload route) get the upload limit;
+    every other body the much smaller AFINA_MAX_JSON_BYTES."""
 
     def __init__(self, app: ASGIApp, max_upload_bytes: int, max_json_bytes: int) -> None:
         self.app = app
@@ -38,7 +47,8 @@ class BodySizeLimit:
             return
         headers = Headers(scope=scope)
         multipart = headers.get("content-type", "").startswith("multipart/form-data")
-        limit, message, param, code = self.upload if multipart else self.json
+        upload = multipart and (scope["method"], _route_path(scope)) == UPLOAD_ROUTE
+        limit, message, param, code = self.upload if upload else self.json
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             response = error_response(413, message, param, code)

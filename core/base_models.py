@@ -11,7 +11,8 @@ import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$"
+# ASCII only: Python's `\w` would also take letters that merely look like Latin ones.
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9_.-]{1,96})?$"
 MAX_CONFIG_BYTES = 1024 * 1024
 _LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 

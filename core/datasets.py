@@ -241,6 +241,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    # Python reads 1e999999 as infinity, which no JSON number is either.
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 24 else text[:24] + "..."
+        raise ValueError(f"the number {shown} is out of range")
+    return value
+
+
+def json_limit_reason(error: BaseException) -> str | None:
+    """What made Python's JSON parser give up on a text that may well be JSON: nesting past
+    the recursion limit, or an integer past the digit limit. None for anything else."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if isinstance(error, ValueError) and "integer string conversion" in str(error):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return None
+
+
 def _decode(raw: bytes, first: bool) -> str:
     try:
         text = raw.decode("utf-8")
@@ -253,16 +272,11 @@ def _decode(raw: bytes, first: bool) -> str:
 
 def _parse_object(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except json.JSONDecodeError as error:
         raise _InvalidLine(f"invalid JSON: {error.msg} (column {error.colno})") from None
-    except RecursionError:
-        raise _InvalidLine("invalid JSON: nested too deeply") from None
-    except ValueError as error:
-        problem = str(error)
-        if "integer string conversion" in problem:
-            problem = f"a number has more than {sys.get_int_max_str_digits()} digits"
-        raise _InvalidLine(f"invalid JSON: {problem}") from None
+    except (RecursionError, ValueError) as error:
+        raise _InvalidLine(f"invalid JSON: {json_limit_reason(error) or error}") from None
     if not isinstance(value, dict):
         raise _InvalidLine(f"expected a JSON object, got {_json_type(value)}")
     return value

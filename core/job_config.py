@@ -11,14 +11,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # QLoRA recipe defaults (Dettmers et al. 2023, and the peft/trl examples that follow it).
 BASE_LEARNING_RATE = 2e-4
@@ -26,6 +29,18 @@ DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_SEQ_LENGTH = 2048
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one number type, and JSON Schema's `integer` takes 3.0: so does afina. A
+    # fraction, a boolean or a string is still not an integer.
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def integer(**limits: int) -> Any:
+    """What a request takes for an integer: a JSON number with no fraction, within `limits`
+    (`ge`, `le`). The limits come first so that the JSON Schema says them too."""
+    return Annotated[int, Field(**limits), BeforeValidator(_whole_number)]
 
 
 def _or_keyword(keyword: str) -> tuple[WrapValidator, PlainSerializer]:
@@ -42,8 +57,7 @@ def _auto_or(kind: type, json_type: str, **limits: float) -> Any:
     bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
     schema = {"type": json_type, **{bounds[name]: value for name, value in limits.items()}}
     return Annotated[
-        kind,
-        Field(**limits),
+        integer(**limits) if kind is int else Annotated[kind, Field(**limits)],
         *_or_keyword("auto"),
         WithJsonSchema({"anyOf": [{"const": "auto"}, schema]}),
     ]
@@ -52,16 +66,24 @@ def _auto_or(kind: type, json_type: str, **limits: float) -> Any:
 AutoEpochs = _auto_or(int, "integer", ge=1, le=100)
 AutoBatchSize = _auto_or(int, "integer", ge=1, le=1024)
 AutoMultiplier = _auto_or(float, "number", gt=0, le=100)
-ModuleName = Annotated[str, Field(pattern=r"^[\w.]{1,128}$")]
+Steps = integer(ge=1, le=10_000_000)
+# ASCII on purpose: Python's `\w` takes any letter, JSON Schema's (ECMA's) only ASCII ones.
+MODULE_PATTERN = r"^[A-Za-z0-9_.]{1,128}$"
+MAX_TARGET_MODULES = 256
 TargetModules = Annotated[
-    list[ModuleName],
-    Field(min_length=1),
+    list[Annotated[str, Field(pattern=MODULE_PATTERN)]],
+    Field(min_length=1, max_length=MAX_TARGET_MODULES),
     *_or_keyword("all-linear"),
     WithJsonSchema(
         {
             "anyOf": [
                 {"const": "all-linear"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": MODULE_PATTERN},
+                    "minItems": 1,
+                    "maxItems": MAX_TARGET_MODULES,
+                },
             ]
         }
     ),
@@ -72,8 +94,9 @@ LrScheduler = Literal[
 
 
 class _Strict(BaseModel):
-    # strict: `true` is not a seed nor "3" an epoch count; JSON ints still pass as floats.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: `true` is not a seed nor "3" an epoch count; JSON ints still pass as floats,
+    # and NaN or Infinity (which Python's JSON parser takes) is no number at all.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Hyperparameters(_Strict):
@@ -94,7 +117,7 @@ class Method(_Strict):
 
 
 class LoraSettings(_Strict):
-    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    r: integer(ge=1, le=1024) = 16
     alpha: Annotated[float, Field(gt=0, le=100_000)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     target_modules: TargetModules = "all-linear"
@@ -115,27 +138,27 @@ class TrainingSettings(_Strict):
     learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
         default=None, description="Overrides 2e-4 x learning_rate_multiplier."
     )
-    max_seq_length: Annotated[int, Field(ge=16, le=1_048_576)] | None = Field(
+    max_seq_length: integer(ge=16, le=1_048_576) | None = Field(
         default=None, description="Default: 2048, or the model's limit if lower."
     )
     packing: bool = False
-    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
+    gradient_accumulation_steps: integer(ge=1, le=1024) = 1
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
     lr_scheduler: LrScheduler = "constant_with_warmup"
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)] = 0.3
     gradient_checkpointing: bool = True
-    eval_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+    eval_steps: Steps | None = Field(
         default=None, description="Default: about 10 evaluations over the run."
     )
-    save_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+    save_steps: Steps | None = Field(
         default=None, description="Default: a checkpoint every quarter of the run."
     )
     loss_on: Literal["completion", "all"] = Field(
         default="completion",
         description="completion: only assistant turns / completions / outputs carry loss.",
     )
-    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    max_steps: Steps | None = None
 
 
 class ResolvedHyperparameters(_Strict):
@@ -160,8 +183,57 @@ class JobConfig(_Strict):
     training: ResolvedTraining
 
 
+def _given(*path: str, json_type: str = "object") -> dict[str, Any]:
+    """JSON Schema for: the value at `path` is given, not null, and of this JSON type."""
+    schema: dict[str, Any] = {"type": json_type}
+    for key in reversed(path):
+        schema = {"type": "object", "required": [key], "properties": {key: schema}}
+    return schema
+
+
+def field_error(
+    location: tuple[str | int, ...], message: str, value: Any, kind: str = "conflict"
+) -> ValidationError:
+    """A validation error naming the field at `location`, for a rule a field's own type
+    cannot check (one across fields, say)."""
+    error = PydanticCustomError(kind, message)
+    return ValidationError.from_exception_data(
+        "ConfigRequest", [InitErrorDetails(type=error, loc=location, input=value)]
+    )
+
+
+# The two rules `one_place_for_hyperparameters` checks, for the schema to say too.
+_MULTIPLIER = "learning_rate_multiplier"
+_CONFLICTS = {
+    "allOf": [
+        {"not": {"allOf": [_given("method"), _given("hyperparameters")]}},
+        {
+            "not": {
+                "allOf": [
+                    _given("training", "learning_rate", json_type="number"),
+                    {
+                        "anyOf": [
+                            _given(
+                                "method",
+                                "supervised",
+                                "hyperparameters",
+                                _MULTIPLIER,
+                                json_type="number",
+                            ),
+                            _given("hyperparameters", _MULTIPLIER, json_type="number"),
+                        ]
+                    },
+                ]
+            }
+        },
+    ]
+}
+
+
 class ConfigRequest(_Strict):
     """The tunable part of a job-creation body."""
+
+    model_config = ConfigDict(json_schema_extra=_CONFLICTS)
 
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(
@@ -174,13 +246,20 @@ class ConfigRequest(_Strict):
     @model_validator(mode="after")
     def one_place_for_hyperparameters(self) -> "ConfigRequest":
         if self.method is not None and self.hyperparameters is not None:
-            raise ValueError(
+            raise field_error(
+                ("hyperparameters",),
                 "give hyperparameters in method.supervised.hyperparameters or in the legacy "
-                "top-level hyperparameters, not both"
+                "top-level hyperparameters, not both",
+                self.hyperparameters.model_dump(),
             )
         given = self.chosen_hyperparameters()
-        if self.training.learning_rate is not None and given.learning_rate_multiplier != "auto":
-            raise ValueError("give training.learning_rate or learning_rate_multiplier, not both")
+        learning_rate = self.training.learning_rate
+        if learning_rate is not None and given.learning_rate_multiplier != "auto":
+            raise field_error(
+                ("training", "learning_rate"),
+                "give training.learning_rate or learning_rate_multiplier, not both",
+                learning_rate,
+            )
         return self
 
     def chosen_hyperparameters(self) -> Hyperparameters:

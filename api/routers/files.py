@@ -3,7 +3,7 @@
 import logging
 import shutil
 from collections.abc import Iterator
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, UploadFile
@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import delete, or_, select
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
-from afina.api.errors import APIError, not_found
+from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
@@ -19,19 +19,23 @@ from afina.core.ids import new_id
 from afina.core.storage import file_key
 from afina.models import UNFINISHED, File, Job
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*KEYED))
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 PURPOSE = "fine-tune"
+NEVER_VALID: dict[str, Any] = {
+    "not": {},
+    "description": "Not supported: afina keeps a file until it is deleted.",
+}
 
 
 def _display_name(name: str | None) -> str:
     """The client's name for the file, kept as metadata only: no directories, no control
-    characters, at most 255 characters."""
+    characters, not just dots, at most 255 characters."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c for c in base if c.isprintable()).strip()
-    return base[:255] or "upload.jsonl"
+    base = "".join(c for c in base if c.isprintable()).strip()[:255].rstrip()
+    return base if base.strip(".") else "upload.jsonl"
 
 
 def _size(stream: BinaryIO) -> int:
@@ -41,15 +45,19 @@ def _size(stream: BinaryIO) -> int:
     return size
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses=error_responses(400, 413))
 def create_file(
     file: UploadFile,
-    purpose: Annotated[str, Form()],
+    # Checked below, so that a wrong purpose gets its own code.
+    purpose: Annotated[str, Form(json_schema_extra={"enum": [PURPOSE]})],
     project: ProjectDep,
     db: DbDep,
     storage: StorageDep,
     settings: SettingsDep,
-    expires_after: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    # OpenAI's, refused by name rather than ignored: documented as never valid.
+    expires_after: Annotated[
+        str | None, Form(alias="expires_after[anchor]", json_schema_extra=NEVER_VALID)
+    ] = None,
 ) -> FileObject:
     if expires_after is not None:
         raise APIError(
@@ -122,7 +130,7 @@ def _owned_file(db: DbDep, project: ProjectDep, file_id: str) -> File:
 OwnedFile = Annotated[File, Depends(_owned_file)]
 
 
-@router.get("", response_model=ListPage[FileObject])
+@router.get("", response_model=ListPage[FileObject], responses=error_responses(400))
 def list_files(
     db: DbDep,
     project: ProjectDep,
@@ -135,12 +143,22 @@ def list_files(
     return list_page(db, query, File, page, FileObject.of)
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def retrieve_file(row: OwnedFile) -> FileObject:
     return FileObject.of(row)
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The dataset as it was uploaded",
+            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        },
+        **error_responses(404),
+    },
+)
 def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
     key = file_key(row.id)
     try:
@@ -169,7 +187,7 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
     """Refused (409) while a job that has not ended trains on the file. One statement
     decides between concurrent deletes: the one that removed the row wins."""

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import delete, select, update
 
 from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, StorageDep, owned_row
-from afina.api.errors import APIError, not_found, shown_id
+from afina.api.errors import KEYED, APIError, error_responses, not_found, shown_id
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.jobs import (
     CheckpointObject,
@@ -36,7 +36,9 @@ from afina.models import (
 from afina.models.base import utcnow
 from afina.worker.enqueue import enqueue
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*KEYED)
+)
 logger = logging.getLogger(__name__)
 
 PageDep = Annotated[PageParams, Depends(page_params(20, 100))]
@@ -69,7 +71,7 @@ def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
     return row
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses=error_responses(400, 413))
 def create_job(
     body: JobCreate, db: DbDep, project: ProjectDep, settings: SettingsDep, queue: QueueDep
 ) -> JobObject:
@@ -141,17 +143,17 @@ def _owned_job(db: DbDep, project: ProjectDep, job_id: str) -> Job:
 OwnedJob = Annotated[Job, Depends(_owned_job)]
 
 
-@router.get("", response_model=ListPage[JobObject])
+@router.get("", response_model=ListPage[JobObject], responses=error_responses(400))
 def list_jobs(db: DbDep, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
     return list_page(db, select(Job).where(Job.project == project), Job, page, JobObject.of)
 
 
-@router.get("/{job_id}", response_model=JobObject)
+@router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
 def retrieve_job(job: OwnedJob) -> JobObject:
     return JobObject.of(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject)
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
 def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
     # One conditional UPDATE decides against the worker finishing the job at the same time.
     cancelled = db.execute(
@@ -176,19 +178,27 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
     return JobObject.of(job)
 
 
-@router.get("/{job_id}/events", response_model=ListPage[EventObject])
+@router.get(
+    "/{job_id}/events",
+    response_model=ListPage[EventObject],
+    responses=error_responses(400, 404),
+)
 def list_events(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[EventObject]:
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     return list_page(db, query, JobEvent, page, EventObject.of)
 
 
-@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointObject])
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=ListPage[CheckpointObject],
+    responses=error_responses(400, 404),
+)
 def list_checkpoints(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[CheckpointObject]:
     query = select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)
     return list_page(db, query, JobCheckpoint, page, CheckpointObject.of)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricSeries)
+@router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404))
 def job_metrics(job: OwnedJob, db: DbDep) -> MetricSeries:
     """The whole training curve, one point per logging step, in step order."""
     rows = db.scalars(select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step))

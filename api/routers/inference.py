@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from afina.api.errors import APIError, error_body
+from afina.api.errors import KEYED, APIError, error_body, error_responses
 from afina.api.schemas.inference import (
     AssistantMessage,
     ChatChoice,
@@ -41,7 +41,14 @@ from afina.worker.inference.protocol import (
     SamplingParams,
 )
 
-router = APIRouter(tags=["inference"])
+# Each route answers whole (JSON) or, with `stream: true`, as server-sent events.
+router = APIRouter(
+    tags=["inference"],
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **error_responses(*KEYED, 400, 403, 404, 409, 413, 429),
+    },
+)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 

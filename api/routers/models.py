@@ -4,11 +4,12 @@ from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
+from afina.api.errors import KEYED, error_responses
 from afina.api.schemas.inference import ModelList, ModelObject
 from afina.api.served_models import base_models, fine_tuned_models, resolve_model
 from afina.core.settings import Settings
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*KEYED))
 
 
 def _listed(db: Session, settings: Settings, project: str) -> list[ModelObject]:
@@ -20,7 +21,7 @@ def list_models(db: DbDep, project: ProjectDep, settings: SettingsDep) -> ModelL
     return ModelList(data=_listed(db, settings, project))
 
 
-@router.get("/{model:path}", response_model=ModelObject)
+@router.get("/{model:path}", response_model=ModelObject, responses=error_responses(403, 404, 409))
 def retrieve_model(
     model: str, db: DbDep, project: ProjectDep, settings: SettingsDep, storage: StorageDep
 ) -> ModelObject:

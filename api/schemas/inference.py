@@ -6,45 +6,52 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from afina.core.job_config import integer
 from afina.worker.inference.protocol import FinishReason, Usage
 
 MAX_STOP_STRINGS = 4
 
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding.")]
 TopP = Annotated[float, Field(gt=0, le=1)]
-MaxTokens = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+MaxTokens = integer(ge=1)
+Seed = integer(ge=-(2**63), le=2**64 - 1)
 IGNORE_EOS = "afina's extension: generate up to the token limit past end-of-sequence."
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
-Text = Annotated[str, Field(max_length=4 * 1024 * 1024)]
+MAX_TEXT = 4 * 1024 * 1024
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+_TEXT_SCHEMA = {"type": "string", "maxLength": MAX_TEXT}
 
 
-def _one_or_list(wrap: Any, item_schema: dict[str, Any]) -> tuple[Any, ...]:
-    """A field that takes one item or a list of them, validated as a list: a union would
-    put pydantic's type tags (`stop.constrained-str`) into the field an error names."""
+def _one_or_list(
+    item: Any, wrap: Any, one_schema: dict[str, Any], item_schema: dict[str, Any], **field: Any
+) -> Any:
+    """A field that takes one item or a list of `min_length`..`max_length` of them,
+    validated as a list: a union would put pydantic's type tags (`stop.constrained-str`)
+    into the field an error names. The schema says both forms, with the same limits."""
 
     def as_list(value: Any) -> Any:
         return [wrap(value)] if isinstance(value, str) else value
 
-    schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": item_schema}]}
-    return BeforeValidator(as_list), WithJsonSchema(schema)
+    array = {"type": "array", "items": item_schema}
+    array |= {"minItems": field.get("min_length", 0), "maxItems": field["max_length"]}
+    return Annotated[
+        list[item],
+        Field(**field),
+        BeforeValidator(as_list),
+        WithJsonSchema({"anyOf": [one_schema, array]}),
+    ]
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
-Stop = Annotated[
-    list[StopString],
-    Field(max_length=MAX_STOP_STRINGS),
-    *_one_or_list(str, {"type": "string", "minLength": 1, "maxLength": 256}),
-]
-PromptText = Annotated[
-    list[Text],
-    Field(min_length=1, max_length=1, description="One prompt."),
-    *_one_or_list(str, {"type": "string"}),
-]
+_STOP_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256}
+Stop = _one_or_list(StopString, str, _STOP_SCHEMA, _STOP_SCHEMA, max_length=MAX_STOP_STRINGS)
+PromptText = _one_or_list(
+    Text, str, _TEXT_SCHEMA, _TEXT_SCHEMA, min_length=1, max_length=1, description="One prompt."
+)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -54,18 +61,23 @@ class TextPart(_Strict):
 
 _TEXT_PART_SCHEMA = {
     "type": "object",
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "properties": {"type": {"const": "text"}, "text": _TEXT_SCHEMA},
     "required": ["type", "text"],
+    "additionalProperties": False,
 }
+Content = _one_or_list(
+    TextPart,
+    lambda text: {"type": "text", "text": text},
+    _TEXT_SCHEMA,
+    _TEXT_PART_SCHEMA,
+    min_length=1,
+    max_length=256,
+)
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[
-        list[TextPart],
-        Field(min_length=1, max_length=256),
-        *_one_or_list(lambda text: {"type": "text", "text": text}, _TEXT_PART_SCHEMA),
-    ]
+    content: Content
     name: str | None = None
 
     def text(self) -> str:
@@ -92,7 +104,8 @@ class _Sampling(_Strict):
 
 class _OpenAISampling(_Sampling):
     stream_options: StreamOptions | None = None
-    n: Literal[1] | None = Field(default=None, description="Only one choice is generated.")
+    # An integer, not Literal[1]: that would take `true` for 1.
+    n: integer(ge=1, le=1) | None = Field(default=None, description="Only one choice is generated.")
     user: str | None = Field(default=None, max_length=256)
 
 
@@ -109,9 +122,23 @@ class CompletionRequest(_OpenAISampling):
     max_tokens: MaxTokens | None = Field(default=None, description="16 if not given, as OpenAI.")
 
 
+def _exactly_one(*names: str) -> dict[str, Any]:
+    """JSON Schema for: exactly one of these fields is given and not null."""
+    given = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names
+    ]
+    return {"oneOf": given}
+
+
 class GenerateRequest(_Sampling):
     """`POST /generate`: a fine-tuned model by name or by its job's id, and a prompt or
     chat messages."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [_exactly_one("model", "job_id"), _exactly_one("prompt", "messages")]
+        }
+    )
 
     model: ModelName | None = None
     job_id: ModelName | None = None

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from afina.api.schemas.files import unix_seconds
 from afina.core.job_config import (
@@ -11,11 +11,30 @@ from afina.core.job_config import (
     ConfigRequest,
     JobConfig,
     ResolvedHyperparameters,
+    field_error,
+    integer,
 )
 from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
 
 MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=512)]
+TRUST_REMOTE_CODE = "trust_remote_code"
+
+
+def _location_of(key: str, body: Any) -> tuple[str | int, ...] | None:
+    """Where `key` is a key anywhere in a JSON body but in `metadata` (free-form labels),
+    looked for without recursion: the body may be nested as deep as the parser allowed."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), body)]
+    while stack:
+        location, value = stack.pop()
+        if isinstance(value, dict):
+            if key in value:
+                return (*location, key)
+            items = [(name, item) for name, item in value.items() if location or name != "metadata"]
+            stack.extend(((*location, name), item) for name, item in items)
+        elif isinstance(value, list):
+            stack.extend(((*location, index), item) for index, item in enumerate(value))
+    return None
 
 
 class JobCreate(ConfigRequest):
@@ -26,11 +45,27 @@ class JobCreate(ConfigRequest):
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, min_length=1, max_length=64)
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: integer(ge=0, le=2**31 - 1) | None = None
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
     integrations: list[Any] | None = Field(
         default=None, max_length=0, description="Not supported; only an empty list is taken."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_trust_remote_code(cls, body: Any) -> Any:
+        """A model's own code runs only if the operator allows it: a request cannot, however
+        deep it puts the flag (it would be an unknown field anyway; this says why)."""
+        location = _location_of(TRUST_REMOTE_CODE, body)
+        if location is not None:
+            raise field_error(
+                location,
+                "cannot be set in a request: only the operator lets models run their own "
+                "code (AFINA_TRUST_REMOTE_CODE)",
+                None,
+                kind="forbidden",
+            )
+        return body
 
 
 class JobError(BaseModel):

@@ -140,7 +140,7 @@ def test_a_missing_required_field_is_named(client, body):
 
 def test_hyperparameters_in_two_places_are_refused(client, body, settings):
     body |= {"method": {"type": "supervised"}, "hyperparameters": {"n_epochs": 2}}
-    error = assert_error(create(client, body), 400, None)
+    error = assert_error(create(client, body), 400, "hyperparameters")
     assert "not both" in error["message"]
     assert rows(settings, Job) == []
 
