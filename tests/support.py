@@ -21,8 +21,23 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from afina.core.job_config import (
+    JobConfig,
+    LoraSettings,
+    QuantizationSettings,
+    ResolvedHyperparameters,
+    ResolvedTraining,
+)
 from afina.core.settings import Settings
 from afina.models.session import make_engine, make_session_factory
+
+# A resolved job configuration, for the job rows a test writes itself.
+JOB_CONFIG = JobConfig(
+    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
+    lora=LoraSettings(),
+    quantization=QuantizationSettings(),
+    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
+)
 
 
 def jsonl(*examples: dict[str, Any]) -> bytes:

@@ -14,7 +14,6 @@ body's content type must not be able to change.
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,11 @@ from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
 from afina.api.routers import files as files_router
 from afina.core.ids import new_id
-from afina.core.job_config import (
-    JobConfig,
-    LoraSettings,
-    QuantizationSettings,
-    ResolvedHyperparameters,
-    ResolvedTraining,
-)
 from afina.core.settings import Settings
 from afina.core.storage import TEMPORARY_MARK, adapter_key
 from afina.models import File, Job, JobEvent, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import InferenceError
-from tests.support import assert_error, jsonl, rows, upload
+from tests.support import JOB_CONFIG, assert_error, jsonl, rows, upload
 
 ALLOWED = ["org/*", "/models/*"]  # globs only: no base model is callable by name
 BASE = "org/base-model"
@@ -54,19 +44,7 @@ CHAT = jsonl(
 MULTIPART = "multipart/form-data; boundary=b"
 
 
-@pytest.fixture(autouse=True)
-def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The engine thread, if any request starts it, loads nothing and fails its requests;
-    the test then fails too."""
-    runs = []
-
-    def run(engine: InferenceEngine) -> None:
-        runs.append(engine)
-        engine._fail_waiting(InferenceError(500, "a test reached generation", code="test"))
-
-    monkeypatch.setattr(InferenceEngine, "_run", run)
-    yield
-    assert runs == [], "a request reached the inference engine's thread"
+pytestmark = pytest.mark.usefixtures("no_generation")
 
 
 @pytest.fixture(autouse=True)
@@ -569,13 +547,6 @@ def test_models_outside_the_allow_list_are_refused_at_create(
 
 # --- generation bodies ------------------------------------------------------------------------
 
-CONFIG = JobConfig(
-    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
-    lora=LoraSettings(),
-    quantization=QuantizationSettings(),
-    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
-).model_dump(mode="json")
-
 
 @pytest.fixture
 def fine_tuned(settings: Settings) -> str:
@@ -591,7 +562,7 @@ def fine_tuned(settings: Settings) -> str:
         suffix=None,
         seed=1,
         user_metadata=None,
-        config=CONFIG,
+        config=JOB_CONFIG.model_dump(mode="json"),
         finished_at=datetime.now(UTC),
     )
     job.fine_tuned_model = job.fine_tuned_model_name()

@@ -4,7 +4,6 @@ here generates: the engine thread is replaced by one that fails the test if it e
 
 Jobs are written straight into the database in the states a worker would leave them in."""
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,44 +16,18 @@ from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
 from afina.core.ids import new_id
-from afina.core.job_config import (
-    JobConfig,
-    LoraSettings,
-    QuantizationSettings,
-    ResolvedHyperparameters,
-    ResolvedTraining,
-)
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobStatus
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import InferenceError
-from tests.support import assert_error
+from tests.support import JOB_CONFIG, assert_error
 
 ALLOWED = ["/models/a", "org/*"]
 HELLO = [{"role": "user", "content": "hello"}]
-CONFIG = JobConfig(
-    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
-    lora=LoraSettings(),
-    quantization=QuantizationSettings(),
-    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
-).model_dump(mode="json")
 
 
-@pytest.fixture(autouse=True)
-def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The engine thread, if any request starts it, loads nothing and fails its requests;
-    the test then fails too."""
-    runs = []
-
-    def run(engine: InferenceEngine) -> None:
-        runs.append(engine)
-        engine._fail_waiting(InferenceError(500, "a test reached generation", code="test"))
-
-    monkeypatch.setattr(InferenceEngine, "_run", run)
-    yield
-    assert runs == [], "a request reached the inference engine's thread"
+pytestmark = pytest.mark.usefixtures("no_generation")
 
 
 @pytest.fixture
@@ -90,7 +63,7 @@ def add_job(
         suffix=suffix,
         seed=1,
         user_metadata=None,
-        config=CONFIG,
+        config=JOB_CONFIG.model_dump(mode="json"),
     )
     if status == JobStatus.SUCCEEDED:
         job.fine_tuned_model = job.fine_tuned_model_name()

@@ -45,8 +45,6 @@ from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
 from afina.models.session import make_engine, make_session_factory
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import InferenceError
 from tests.support import jsonl, rows, upload
 
 KEY = "fuzz-key"
@@ -105,19 +103,7 @@ schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
 schema.app = APP
 
 
-@pytest.fixture(autouse=True)
-def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The engine thread, if any request starts it, loads nothing and fails its requests;
-    the test then fails too."""
-    runs = []
-
-    def run(engine: InferenceEngine) -> None:
-        runs.append(engine)
-        engine._fail_waiting(InferenceError(500, "a test reached generation", code="test"))
-
-    monkeypatch.setattr(InferenceEngine, "_run", run)
-    yield
-    assert runs == [], "a request reached the inference engine's thread"
+pytestmark = pytest.mark.usefixtures("no_generation")
 
 
 @pytest.fixture

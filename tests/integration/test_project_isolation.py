@@ -17,7 +17,7 @@ name that does not is a 404; the engine thread fails the test if it ever starts.
 """
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,19 +32,10 @@ from sqlalchemy import select
 from starlette.routing import compile_path
 
 from afina.core.ids import new_id
-from afina.core.job_config import (
-    JobConfig,
-    LoraSettings,
-    QuantizationSettings,
-    ResolvedHyperparameters,
-    ResolvedTraining,
-)
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import InferenceError
-from tests.support import assert_error, jsonl, rows, upload
+from tests.support import JOB_CONFIG, assert_error, jsonl, rows, upload
 
 ALPHA = {"Authorization": "Bearer key-a"}
 BETA = {"Authorization": "Bearer key-b"}
@@ -66,29 +57,11 @@ CHAT = jsonl(
         ]
     }
 )
-CONFIG = JobConfig(
-    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
-    lora=LoraSettings(),
-    quantization=QuantizationSettings(),
-    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
-).model_dump(mode="json")
 # FastAPI's own pages and the health probes name no project's objects.
 OUT_OF_MATRIX = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz"}
 
 
-@pytest.fixture(autouse=True)
-def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The engine thread, if any request starts it, loads nothing and fails its requests;
-    the test then fails too."""
-    runs = []
-
-    def run(engine: InferenceEngine) -> None:
-        runs.append(engine)
-        engine._fail_waiting(InferenceError(500, "a test reached generation", code="test"))
-
-    monkeypatch.setattr(InferenceEngine, "_run", run)
-    yield
-    assert runs == [], "a request reached the inference engine's thread"
+pytestmark = pytest.mark.usefixtures("no_generation")
 
 
 @pytest.fixture
@@ -464,7 +437,7 @@ def add_job(db, project: str, status: JobStatus, training_file: str, **values: A
         status=status,
         training_file_id=training_file,
         seed=1,
-        config=CONFIG,
+        config=JOB_CONFIG.model_dump(mode="json"),
         **values,
     )
     db.add(job)

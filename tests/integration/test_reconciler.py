@@ -23,13 +23,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.ids import new_id
-from afina.core.job_config import (
-    JobConfig,
-    LoraSettings,
-    QuantizationSettings,
-    ResolvedHyperparameters,
-    ResolvedTraining,
-)
 from afina.core.settings import Settings
 from afina.core.storage import (
     TEMPORARY_MARK,
@@ -47,18 +40,12 @@ from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stop
 from afina.worker.reconciler import UNSENT_GRACE_SECONDS, Reconciler
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
-from tests.support import broker_url_for
+from tests.support import JOB_CONFIG, broker_url_for
 
 TIMEOUT = 30.0  # AFINA_WORKER_TIMEOUT_SECONDS
 MAX_ATTEMPTS = 3
 SILENT = timedelta(seconds=3 * TIMEOUT)  # how long a lost worker's job has had no heartbeat
 STEPS_DONE = 15  # where a lost run had got to
-CONFIG = JobConfig(
-    hyperparameters=ResolvedHyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1),
-    lora=LoraSettings(),
-    quantization=QuantizationSettings(),
-    training=ResolvedTraining(learning_rate=1e-4, max_seq_length=64),
-)
 
 
 @dataclass
@@ -135,7 +122,7 @@ def add_job(stack: Stack, status: JobStatus, **values: Any) -> Job:
         model="org/base-model",
         training_file_id="file-abc",
         seed=1,
-        config=CONFIG.model_dump(mode="json"),
+        config=JOB_CONFIG.model_dump(mode="json"),
         **values,
     )
     with stack.session_factory.begin() as session:
@@ -214,7 +201,7 @@ def trained(directory: Path, adapter: str) -> TrainingOutcome:
     """How a run that trained to its end returns: with its adapter saved in `directory`."""
     directory.mkdir(parents=True)
     (directory / "adapter_model.safetensors").write_text(adapter)
-    return TrainingOutcome(CONFIG, directory, steps=40, trained_tokens=1000)
+    return TrainingOutcome(JOB_CONFIG, directory, steps=40, trained_tokens=1000)
 
 
 def snapshot(job: Job) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""Fixtures the integration tests share."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from afina.worker.inference.engine import InferenceEngine
+from afina.worker.inference.protocol import InferenceError
+
+
+@pytest.fixture
+def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests of what stands before generation: the engine thread, if any request starts
+    it, loads nothing and fails its requests; the test then fails too."""
+    runs = []
+
+    def run(engine: InferenceEngine) -> None:
+        runs.append(engine)
+        engine._fail_waiting(InferenceError(500, "a test reached generation", code="test"))
+
+    monkeypatch.setattr(InferenceEngine, "_run", run)
+    yield
+    assert runs == [], "a request reached the inference engine's thread"
