@@ -3,11 +3,13 @@
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -21,9 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from afina.api import keys
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
+from afina.core.storage import ArtifactStorage
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine, make_session_factory
+from afina.worker.celery_app import create_celery
+from afina.worker.job_records import WORKER_ID_VARIABLE
+from afina.worker.reconciler import Reconciler
 
 app = typer.Typer(
     help="afina: self-hosted, OpenAI-compatible QLoRA fine-tuning.",
@@ -51,10 +57,10 @@ def migrate() -> None:
     typer.echo(f"database is up to date: {settings.database_url}")
 
 
-def _start_worker() -> subprocess.Popen[bytes]:
+def _start_worker(worker_id: str) -> subprocess.Popen[bytes]:
     # Its own session: a Ctrl-C at the terminal reaches `afina serve`, which stops the
     # worker itself, after the API.
-    env = {**os.environ, "AFINA_WORKER_PARENT_PID": str(os.getpid())}
+    env = {**os.environ, "AFINA_WORKER_PARENT_PID": str(os.getpid()), WORKER_ID_VARIABLE: worker_id}
     worker = subprocess.Popen(
         [sys.executable, "-m", "afina.worker"], env=env, start_new_session=True
     )
@@ -74,6 +80,10 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+def _new_worker_id() -> str:
+    return f"afina-serve-{secrets.token_hex(8)}"
+
+
 def _how_it_ended(code: int) -> str:
     if code >= 0:
         return f"exited with code {code}"
@@ -86,15 +96,19 @@ def _how_it_ended(code: int) -> str:
 class WorkerSupervisor:
     """The training worker that `afina serve` runs beside the API: started with it, started
     again when it dies (after a pause that doubles, up to 30 s, while it keeps dying within
-    a minute or cannot be started at all), stopped with it. The job it was running is the
-    reconciler's to re-queue: the job's events say so ("Worker lost ...", then "Job started
-    (attempt N)"), and serve's log says which worker died, and how."""
+    a minute or cannot be started at all), stopped with it. Each worker it starts has an id
+    of its own, which the jobs it runs record; `on_death` gets the id of one that died, so
+    that its job is taken back at once rather than once its heartbeat is late. The job's
+    events say so ("Worker lost ...", then "Job started (attempt N)"), and serve's log says
+    which worker died, and how."""
 
     FIRST_DELAY, MAX_DELAY, STEADY_SECONDS = 1.0, 30.0, 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, on_death: Callable[[str], None]) -> None:
+        self._on_death = on_death
         self._stopping = threading.Event()
-        self._worker = _start_worker()
+        self._worker_id = _new_worker_id()
+        self._worker = _start_worker(self._worker_id)
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
         self._thread.start()
 
@@ -116,10 +130,15 @@ class WorkerSupervisor:
                 lived,
                 delay,
             )
+            try:
+                self._on_death(self._worker_id)
+            except Exception:  # its job is still taken back, once its heartbeat is late
+                logger.exception("could not take back the job of the worker that died")
             while not self._stopping.wait(delay):
                 delay = min(delay * 2, self.MAX_DELAY)
                 try:
-                    self._worker = _start_worker()
+                    self._worker_id = _new_worker_id()
+                    self._worker = _start_worker(self._worker_id)
                     break
                 except OSError as error:  # keep supervising: the next try may work
                     logger.error(
@@ -186,7 +205,15 @@ def serve(
             "afina: no API key set or stored: open to every process on this machine until "
             "one is (`afina keys create --project P`)"
         )
-    worker = WorkerSupervisor() if with_worker else None
+    worker = None
+    if with_worker:
+        reconciler = Reconciler(
+            settings,
+            _session_factory(settings),
+            ArtifactStorage(settings.storage_url or ""),
+            create_celery(settings),
+        )
+        worker = WorkerSupervisor(lambda dead: reconciler.reconcile(dead_worker=dead))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found. This one turns it into a clean exit that runs the `finally` below.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,7 @@ worker child) in a temp dir with AFINA_WORKER_TIMEOUT_SECONDS set, trains a tiny
 without interruption, then the same job again, killing serve's worker child with SIGKILL a
 few steps after a checkpoint, and reads from the database where the time went:
 
-    detect   kill -> job queued again (the reconciler finds the heartbeat stale)
+    detect   kill -> job queued again (serve sees its worker die and takes the job back)
     claim    queued again -> running again (serve's new worker takes the job)
     resume   running again -> first new step (data, model and trainer state loaded)
     redone   steps done before the kill after the checkpoint resumed from: done twice
@@ -168,16 +168,15 @@ def main() -> None:
         killed_clock = time.monotonic()
         new_worker = the_worker(server, other_than=worker)
         new_worker_after = time.monotonic() - killed_clock
-        # The dead worker writes nothing more: its last progress is in the database.
-        at_kill, checkpoint = database.one(
-            "SELECT steps_done, (SELECT max(step) FROM job_checkpoints WHERE job_id = ?) "
-            "FROM jobs WHERE id = ?",
-            crashed,
-            crashed,
-        )
         wait_for_end(client, crashed)
 
-        requeued, _ = database.event(crashed, "Worker lost")
+        requeued, lost = database.event(crashed, "Worker lost")
+        at_kill = lost["step"]  # the dead run's last progress
+        (checkpoint,) = database.one(
+            "SELECT max(step) FROM job_checkpoints WHERE job_id = ? AND step <= ?",
+            crashed,
+            at_kill,
+        )
         running, _ = database.event(crashed, "Job started (attempt 2)")
         _, resumed = database.event(crashed, "Resuming from the checkpoint")
         first_new_step = moment(

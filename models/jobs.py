@@ -81,6 +81,9 @@ class Job(CreatedAt, Base):
     task_id: Mapped[str | None] = mapped_column(String(64))
     # Set by the run that holds the job: a run whose id is no longer here writes nothing.
     run_id: Mapped[str | None] = mapped_column(String(32))
+    # The worker process that runs (or last ran) it, so that a worker seen to die can be
+    # named: the id `afina serve` gave its child, or `{host}:{pid}`.
+    worker: Mapped[str | None] = mapped_column(String(255))
     # When the job's message last went to the queue; None while a queued job still needs one.
     enqueued_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

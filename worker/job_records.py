@@ -9,6 +9,8 @@ a lost database connection) or cancelled writes nothing more and stops at its ne
 """
 
 import logging
+import os
+import socket
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +31,13 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # Set when the worker is asked to shut down: the run stops at its next step.
 shutdown_requested = threading.Event()
+# Set by `afina serve` for the worker child it starts: a name of its own for that process.
+WORKER_ID_VARIABLE = "AFINA_WORKER_ID"
+
+
+def this_worker() -> str:
+    """The name this worker process gives the jobs it runs (`Job.worker`)."""
+    return os.environ.get(WORKER_ID_VARIABLE) or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def held_by(job_id: str, run_id: str) -> ColumnElement[bool]:

@@ -33,7 +33,13 @@ from afina.core.storage import (
 )
 from afina.models import Job, JobStatus, new_event
 from afina.models.base import utcnow
-from afina.worker.job_records import Heartbeat, JobRecorder, held_by, shutdown_requested
+from afina.worker.job_records import (
+    Heartbeat,
+    JobRecorder,
+    held_by,
+    shutdown_requested,
+    this_worker,
+)
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
 
@@ -83,6 +89,7 @@ def _claim(context: WorkerContext, job_id: str, task_id: str | None) -> Job | No
                 attempts=Job.attempts + 1,
                 task_id=task_id,
                 run_id=secrets.token_hex(16),
+                worker=this_worker(),
                 heartbeat_at=now,
                 started_at=func.coalesce(Job.started_at, now),
             )

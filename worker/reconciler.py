@@ -7,6 +7,7 @@ change it makes is a conditional UPDATE) and every few seconds:
   from the newest trainer state its runs kept, or it fails once its worker has been lost
   `AFINA_MAX_ATTEMPTS` times. Waiting for the broker instead would take an hour on Redis
   (its visibility timeout) and for ever on the embedded broker, which never redelivers.
+  `afina serve`, which sees its own worker child die, runs a pass naming it at once.
 - sends the message of a `queued` job that has none: the process that stored the job died
   before it could queue it.
 """
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Row, select, update
+from sqlalchemy import ColumnElement, Row, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.settings import Settings
@@ -67,14 +68,18 @@ class Reconciler:
             if self._stopped.wait(self.interval):
                 return
 
-    def reconcile(self) -> None:
+    def reconcile(self, dead_worker: str | None = None) -> None:
+        """One pass. `dead_worker` names a worker process known to have ended (`afina serve`
+        saw its child die): its jobs are taken back at once, not once their heartbeat is old."""
         now = utcnow()
-        cutoff = now - self.timeout
+        lost_if = Job.heartbeat_at < now - self.timeout
+        if dead_worker is not None:
+            lost_if = or_(lost_if, Job.worker == dead_worker)
         with self.session_factory() as session:
             lost = session.execute(
-                select(Job.id, Job.lost_workers, Job.heartbeat_at, Job.steps_done).where(
-                    Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff
-                )
+                select(
+                    Job.id, Job.lost_workers, Job.heartbeat_at, Job.steps_done, Job.worker
+                ).where(Job.status == JobStatus.RUNNING, lost_if)
             ).all()
             unsent = session.scalars(
                 select(Job.id).where(
@@ -88,7 +93,12 @@ class Reconciler:
         broker_up = True
         for job in lost:
             try:
-                if self._take_back(job, now, cutoff) and broker_up:
+                cause = (
+                    "its worker process ended"
+                    if job.worker is not None and job.worker == dead_worker
+                    else f"no heartbeat for {(now - job.heartbeat_at).total_seconds():.0f} s"
+                )
+                if self._take_back(job, now, lost_if, cause) and broker_up:
                     broker_up = self._send(job.id)
             except Exception:
                 logger.exception("could not take back job %s; trying again later", job.id)
@@ -97,11 +107,12 @@ class Reconciler:
                 logger.warning("job %s was queued without a message: sending it", job_id)
                 broker_up = self._send(job_id)
 
-    def _take_back(self, job: Row[Any], now: datetime, cutoff: datetime) -> bool:
+    def _take_back(
+        self, job: Row[Any], now: datetime, lost_if: ColumnElement[bool], cause: str
+    ) -> bool:
         """Queue the job again, or fail it; True when it needs its message sent."""
         lost_workers = job.lost_workers + 1
-        silent = (now - job.heartbeat_at).total_seconds()
-        lost = f"at step {job.steps_done} (no heartbeat for {silent:.0f} s)"
+        lost = f"at step {job.steps_done} ({cause})"
         if lost_workers >= self.max_attempts:
             message = (
                 f"the worker running this job was lost {lost_workers} times, the last {lost}. "
@@ -109,8 +120,8 @@ class Reconciler:
                 "ends this way: lower batch_size or training.max_seq_length"
             )
             failed = self._change(
-                job.id,
-                cutoff,
+                job,
+                lost_if,
                 f"Job failed: {message}",
                 "error",
                 status=JobStatus.FAILED,
@@ -124,8 +135,8 @@ class Reconciler:
             return False
         resume_step = latest_resume_step(self.storage, job.id) or 0
         return self._change(
-            job.id,
-            cutoff,
+            job,
+            lost_if,
             f"Worker lost {lost}: queued again, to resume from step {resume_step} "
             f"(worker lost {lost_workers} time(s); the job fails at {self.max_attempts})",
             "warn",
@@ -138,20 +149,19 @@ class Reconciler:
             estimated_finish=None,
         )
 
-    def _change(self, job_id: str, cutoff: datetime, event: str, level: str, **values: Any) -> bool:
-        """Apply the change if the job is still running with a stale heartbeat."""
+    def _change(
+        self, job: Row[Any], lost_if: ColumnElement[bool], event: str, level: str, **values: Any
+    ) -> bool:
+        """Apply the change if the job is still running and still looks lost."""
         with self.session_factory.begin() as session:
             changed = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
+                .where(Job.id == job.id, Job.status == JobStatus.RUNNING, lost_if)
                 .values(**values)
             ).rowcount
             if changed:
-                session.add(
-                    new_event(
-                        job_id, event, level=level, data={"lost_workers": values["lost_workers"]}
-                    )
-                )
+                data = {"lost_workers": values["lost_workers"], "step": job.steps_done}
+                session.add(new_event(job.id, event, level=level, data=data))
         return bool(changed)
 
     def _send(self, job_id: str) -> bool:

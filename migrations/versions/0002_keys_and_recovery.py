@@ -1,5 +1,5 @@
-"""API keys stored hashed; what crash recovery needs on jobs: the run that holds a job, the
-runs lost with their worker, and when its message went to the queue.
+"""API keys stored hashed; what crash recovery needs on jobs: the run that holds a job and
+its worker process, the runs lost with their worker, and when its message went to the queue.
 
 Revision ID: 0002
 Revises: 0001
@@ -37,6 +37,7 @@ def upgrade() -> None:
             sa.Column("lost_workers", sa.Integer(), server_default="0", nullable=False)
         )
         batch_op.add_column(sa.Column("run_id", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("worker", sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
     # Jobs queued before this revision already have their message.
     op.execute("UPDATE jobs SET enqueued_at = created_at WHERE status = 'queued'")
@@ -45,6 +46,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("enqueued_at")
+        batch_op.drop_column("worker")
         batch_op.drop_column("run_id")
         batch_op.drop_column("lost_workers")
 

@@ -140,6 +140,8 @@ def test_serve_restarts_a_killed_worker_and_the_job_resumes_from_its_checkpoint(
         assert resume_step % SAVE_EVERY == 0
         assert SAVE_EVERY <= resume_step <= at_kill
         assert "(worker lost 1 time(s); the job fails at 3)" in lost
+        # serve saw its worker die and took the job back at once, not after the timeout.
+        assert "(its worker process ended)" in lost
         after_loss = events[events.index(lost) :]
         assert "Job started (attempt 2)" in after_loss
         assert f"Resuming from the checkpoint saved at step {resume_step}" in after_loss
@@ -236,7 +238,7 @@ def test_the_supervisor_keeps_trying_until_a_worker_starts_and_stops_the_last(mo
     attempts: list[int] = []
     workers: list[subprocess.Popen[bytes]] = []
 
-    def start_worker() -> subprocess.Popen[bytes]:
+    def start_worker(_worker_id: str) -> subprocess.Popen[bytes]:
         # The first worker exits at once, the second cannot be started, the third stays up.
         attempts.append(len(attempts) + 1)
         if len(attempts) == 2:
@@ -246,7 +248,8 @@ def test_the_supervisor_keeps_trying_until_a_worker_starts_and_stops_the_last(mo
 
     monkeypatch.setattr(cli, "_start_worker", start_worker)
     monkeypatch.setattr(cli.WorkerSupervisor, "FIRST_DELAY", 0.05)
-    supervisor = cli.WorkerSupervisor()
+    deaths: list[str] = []
+    supervisor = cli.WorkerSupervisor(deaths.append)
     try:
         wait_until(lambda: len(workers) == 2, 30, "the supervisor gave up starting a worker")
     finally:
@@ -255,3 +258,4 @@ def test_the_supervisor_keeps_trying_until_a_worker_starts_and_stops_the_last(mo
     assert first.returncode == 0
     assert last.returncode == -signal.SIGTERM  # stopped with the supervisor
     assert attempts == [1, 2, 3]
+    assert len(deaths) == 1  # the first worker's: its job is taken back at once

@@ -130,14 +130,21 @@ def add_job(stack: Stack, status: JobStatus, **values: Any) -> Job:
     return job
 
 
-def running_job(stack: Stack, *, silent: timedelta = SILENT, lost_workers: int = 0) -> Job:
-    """A job as its run leaves it in the database: held by that run, with a heartbeat
-    stamped `silent` ago. It is the job as that run knows it, `run_id` included."""
+def running_job(
+    stack: Stack,
+    *,
+    silent: timedelta = SILENT,
+    lost_workers: int = 0,
+    worker: str | None = "afina-serve-0",
+) -> Job:
+    """A job as its run leaves it in the database: held by that run on `worker`, with a
+    heartbeat stamped `silent` ago. It is the job as that run knows it, `run_id` included."""
     now = utcnow()
     return add_job(
         stack,
         JobStatus.RUNNING,
         run_id=secrets.token_hex(16),
+        worker=worker,
         task_id="task-1",
         attempts=lost_workers + 1,
         lost_workers=lost_workers,
@@ -236,10 +243,35 @@ def test_a_job_whose_heartbeat_stopped_is_queued_again_to_resume_from_its_newest
     assert event.message.startswith(f"Worker lost at step {STEPS_DONE} (no heartbeat for 9")
     assert f"queued again, to resume from step {resume_step} " in event.message
     assert f"(worker lost 1 time(s); the job fails at {MAX_ATTEMPTS})" in event.message
-    assert event.data == {"lost_workers": 1}
+    assert event.data == {"lost_workers": 1, "step": STEPS_DONE}
     assert take_messages(stack) == [job.id]
     # The state the next run resumes from is kept.
     assert resume_steps(stack, job.id) == [f"step-{step}" for step in kept]
+
+
+def test_the_job_of_a_worker_seen_to_die_is_taken_back_at_once(stack: Stack, tmp_path: Path):
+    dead = running_job(stack, silent=timedelta(0), worker="afina-serve-dead")
+    others = [
+        running_job(stack, silent=timedelta(0), worker="afina-serve-alive"),
+        running_job(stack, silent=timedelta(0), worker=None),
+    ]
+    keep_resume_state(stack, tmp_path, dead.id, 10)
+    before = {job.id: snapshot(stored(stack, job.id)) for job in others}
+
+    stack.reconciler().reconcile(dead_worker="afina-serve-dead")
+
+    row = stored(stack, dead.id)
+    assert row.status == JobStatus.QUEUED
+    assert (row.lost_workers, row.steps_done, row.run_id) == (1, 10, None)
+    (event,) = events(stack, dead.id)
+    assert event.message.startswith(
+        f"Worker lost at step {STEPS_DONE} (its worker process ended): queued again, to "
+        "resume from step 10"
+    )
+    assert take_messages(stack) == [dead.id]
+    # Other workers' jobs, their heartbeats fresh, stay theirs.
+    assert {job.id: snapshot(stored(stack, job.id)) for job in others} == before
+    assert all(events(stack, job.id) == [] for job in others)
 
 
 def test_a_fresh_heartbeat_is_left_alone(stack: Stack):
