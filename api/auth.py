@@ -3,7 +3,9 @@
 Checked in ASGI middleware, before anything reads the request body, so a caller without a
 valid key cannot make the server take in an upload. The caller's project goes into the
 request state for `get_project`. A service that has never had a key (none set, none stored)
-is open, and every caller is in the default project.
+is open, and every caller is in the default project; it then answers only requests addressed
+to this machine's loopback (`Host`) and not sent by another site's page (`Origin`), so that a
+web page the user opens can neither read it through DNS rebinding nor post a form to it.
 """
 
 from fastapi import Request
@@ -12,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from afina.api.asgi import is_loopback, route_path
 from afina.api.errors import error_response
 from afina.api.keys import KeyStore
 from afina.core.settings import DEFAULT_PROJECT
@@ -25,16 +28,29 @@ class ApiKeyAuth:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        headers = Headers(scope=scope)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            project = await self._project(token)
+            required = await run_in_threadpool(self.keys.required)
+            if required:
+                project = await run_in_threadpool(self.keys.project_for, token) if token else None
+            else:
+                project = DEFAULT_PROJECT
         except SQLAlchemyError:
             message = "The service cannot check API keys right now: its database is unreachable."
             await error_response(503, message, code="database_unavailable")(scope, receive, send)
+            return
+        if not required and not _local(headers):
+            message = (
+                "This afina has no API key, so it answers only requests to localhost from this "
+                "machine, not from another site's web page. Create a key (`afina keys create "
+                "--project P`) to serve anything else."
+            )
+            await error_response(403, message, code="not_local")(scope, receive, send)
             return
         if project is None:
             if token:
@@ -47,16 +63,19 @@ class ApiKeyAuth:
         scope.setdefault("state", {})["project"] = project
         await self.app(scope, receive, send)
 
-    async def _project(self, token: str) -> str | None:
-        if not await run_in_threadpool(self.keys.required):
-            return DEFAULT_PROJECT
-        return await run_in_threadpool(self.keys.project_for, token) if token else None
-
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, message: str, code: str) -> None:
         response = error_response(401, message, code=code)
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+def _local(headers: Headers) -> bool:
+    """The request names this machine's loopback, and no other site's page sent it."""
+    origin = headers.get("origin")
+    return is_loopback(headers.get("host", "")) and (
+        origin is None or is_loopback(origin.partition("://")[2])
+    )
 
 
 def get_project(request: Request) -> str:

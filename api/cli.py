@@ -1,6 +1,5 @@
 """The `afina` command line."""
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -22,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.api import keys
+from afina.api.asgi import is_loopback
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models import ApiKey
@@ -157,15 +157,6 @@ class WorkerSupervisor:
 GRACEFUL_SHUTDOWN_SECONDS = 20
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 def _exit_cleanly(_signal: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -187,7 +178,7 @@ def serve(
     settings = get_settings()
     _configure_logging(settings)
     keys_required = _keys_required(settings)
-    if not keys_required and not _is_loopback(host):
+    if not keys_required and not is_loopback(host):
         typer.echo(
             f"afina: refusing to serve on {host} with no API key: anyone who can reach it "
             "would have full access. Set AFINA_API_KEYS (project:key,...), create one with "

@@ -3,6 +3,7 @@
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from afina.api.asgi import route_path
 from afina.api.errors import APIError, error_response
 
 # Room for the multipart envelope and the small form fields beside the file itself.
@@ -10,12 +11,6 @@ MULTIPART_OVERHEAD = 1024 * 1024
 # The one route that takes an upload. Anywhere else a body labelled multipart is held to
 # the JSON limit: its label must not buy it the upload limit.
 UPLOAD_ROUTE = ("POST", "/v1/files")
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the app routes on: without the prefix a proxy mounts it under."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path.removeprefix(root) if root and path.startswith(root + "/") else path
 
 
 class BodySizeLimit:
@@ -47,7 +42,7 @@ class BodySizeLimit:
             return
         headers = Headers(scope=scope)
         multipart = headers.get("content-type", "").startswith("multipart/form-data")
-        upload = multipart and (scope["method"], _route_path(scope)) == UPLOAD_ROUTE
+        upload = multipart and (scope["method"], route_path(scope)) == UPLOAD_ROUTE
         limit, message, param, code = self.upload if upload else self.json
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

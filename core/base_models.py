@@ -51,9 +51,13 @@ def read_local_config(path: str) -> dict[str, object]:
     """The `config.json` of a local model directory; ModelRefused if there is none."""
     directory = Path(path)
     config_file = directory / "config.json"
-    if not directory.is_dir():
+    try:  # a name too long, a directory the service may not enter: OSError, even to look
+        is_model = directory.is_dir(), config_file.is_file()
+    except OSError as error:
+        raise ModelRefused(f"cannot look at model directory {path!r}: {error.strerror}") from None
+    if not is_model[0]:
         raise ModelRefused(f"model directory {path!r} does not exist")
-    if not config_file.is_file():  # not a FIFO or a device either: reading one could hang
+    if not is_model[1]:  # not a FIFO or a device either: reading one could hang
         raise ModelRefused(f"{path!r} holds no model: config.json is missing")
     try:
         if config_file.stat().st_size > MAX_CONFIG_BYTES:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 MiB = 1024 * 1024
 DEFAULT_PROJECT = "default"
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+API_KEY = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as it was sent
 
 
 class Settings(BaseSettings):
@@ -97,12 +98,24 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def keys_name_valid_projects(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
+        """Each entry a valid project and a key a request can carry, no key given twice. An
+        error names the entry by its place: the text before ':' may be part of a bare key."""
+        seen: dict[str, int] = {}
+        for number, entry in enumerate(entries, start=1):
             project, key = split_api_key(entry)
             if not PROJECT_NAME.fullmatch(project):
-                raise ValueError(f"project {project!r}: use 1-64 letters, digits, '_' or '-'")
-            if not key:
-                raise ValueError(f"project {project!r} has an empty key")
+                raise ValueError(
+                    f"entry {number}: the project (before ':') must be 1-64 letters, digits, "
+                    "'_' or '-'"
+                )
+            if not API_KEY.fullmatch(key):
+                raise ValueError(
+                    f"entry {number}: the key must be printable ASCII, with no space (a "
+                    "request's header could not carry it)"
+                )
+            if key in seen:
+                raise ValueError(f"entry {number} repeats the key of entry {seen[key]}")
+            seen[key] = number
         return entries
 
     def api_key_projects(self) -> dict[str, str]:

@@ -18,7 +18,7 @@ from afina.core.settings import Settings
 from afina.models import Base
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine
-from tests.support import serve_in_thread
+from tests.support import LOCAL, serve_in_thread
 
 POSTGRES_URL = os.environ.get(
     "AFINA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -101,7 +101,7 @@ def app(settings: Settings) -> FastAPI:
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url=LOCAL) as test_client:
         yield test_client
 
 

@@ -39,6 +39,9 @@ JOB_CONFIG = JobConfig(
     training=ResolvedTraining(learning_rate=1e-4, max_seq_length=None),
 )
 
+# Where the test clients send requests: an afina with no key answers only its loopback.
+LOCAL = "http://localhost"
+
 
 def jsonl(*examples: dict[str, Any]) -> bytes:
     return b"".join(json.dumps(example).encode() + b"\n" for example in examples)

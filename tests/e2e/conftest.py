@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.worker.demo_model import build_demo_model
-from tests.support import broker_url_for
+from tests.support import LOCAL, broker_url_for
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -74,7 +74,7 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture
 def api(stack: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(stack)) as client:
+    with TestClient(create_app(stack), base_url=LOCAL) as client:
         yield client
 
 

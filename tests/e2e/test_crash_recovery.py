@@ -15,7 +15,7 @@ from afina.models.base import utcnow
 from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.e2e.test_worker_shutdown import wait_until
-from tests.support import rows
+from tests.support import LOCAL, rows
 
 WORKER_TIMEOUT = 6.0
 STEPS, SAVE_EVERY = 50, 10  # 50 steps: a metric point for every step
@@ -27,7 +27,7 @@ def settings(database_url: str, tmp_path) -> Settings:
 
 
 def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_model):
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOCAL) as api:
         training = upload_id(api, arithmetic(64, seed=6))
         job_id = create_job(
             api,
@@ -100,7 +100,7 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
 
 
 def test_a_queued_job_waits_for_a_worker_and_starts_when_one_comes(settings, demo_model):
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOCAL) as api:
         training = upload_id(api, arithmetic(16, seed=7))
         job_id = create_job(
             api, model=str(demo_model), training_file=training, training={"max_steps": 4}

@@ -20,7 +20,7 @@ from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key
 from tests.e2e.conftest import wait_for_job
-from tests.support import assert_error, jsonl, serve_in_thread, upload
+from tests.support import LOCAL, assert_error, jsonl, serve_in_thread, upload
 
 QUESTIONS = [
     "Is the sky blue?",
@@ -48,7 +48,7 @@ def _dataset(answer: str) -> bytes:
 def trained(stack: Settings, demo_model: Path) -> dict[str, dict]:
     """Two succeeded jobs on the demo model: `yes` answers every question yes, `no` no."""
     jobs = {}
-    with TestClient(create_app(stack)) as api:
+    with TestClient(create_app(stack), base_url=LOCAL) as api:
         for answer in ("yes", "no"):
             file_id = upload(api, _dataset(answer)).json()["id"]
             response = api.post(

@@ -13,6 +13,7 @@ from afina.api.app import create_app
 from afina.core.storage import resume_key
 from tests.e2e.conftest import stack_settings, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
+from tests.support import LOCAL
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -25,7 +26,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_stopped_worker_requeues_its_job_for_the_next(database_url, tmp_path, demo_model):
     settings = stack_settings(database_url, tmp_path)
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOCAL) as api:
         training = upload_id(api, arithmetic(64, seed=5))
         job_id = create_job(
             api, model=str(demo_model), training_file=training, training={"max_steps": 100_000}

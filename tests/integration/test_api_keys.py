@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.api.keys import KEY_PREFIX
 from afina.models import ApiKey, File
-from tests.support import AFINA, jsonl, rows, upload
+from tests.support import AFINA, LOCAL, assert_error, jsonl, rows, upload
 
 EXAMPLE = jsonl({"prompt": "2+2=", "completion": "4"})
 
@@ -166,7 +166,7 @@ def test_create_refuses_a_bad_project_name(afina_keys, settings, project):
 def test_bootstrap_and_stored_keys_work_side_by_side(afina_keys, make_settings):
     settings = make_settings(api_keys=["ops:bootstrap-secret", "bare-secret"])
     stored = create(afina_keys, "alpha")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         for key, project in (
             ("bootstrap-secret", "ops"),
             ("bare-secret", "default"),
@@ -179,3 +179,49 @@ def test_bootstrap_and_stored_keys_work_side_by_side(afina_keys, make_settings):
             for file in rows(settings, File):
                 visible = client.get(f"/v1/files/{file.id}", headers=bearer(key)).status_code
                 assert visible == (200 if file.project == project else 404)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "attacker.example"},  # DNS rebinding: a page's own name, pointing here
+        {"Host": "localhost.attacker.example:8000"},
+        {"Origin": "http://attacker.example"},  # a form another site's page posts
+        {"Origin": "null"},  # a sandboxed page or a local file
+    ],
+)
+def test_an_open_service_answers_only_its_own_machine(client, settings, headers):
+    listed = client.get("/v1/files", headers=headers)
+    error = assert_error(listed, 403, None, "not_local")
+    assert "afina keys create" in error["message"]
+    posted = upload(client, EXAMPLE, headers=headers)
+    assert posted.status_code == 403
+    assert rows(settings, File) == []
+    assert not list((settings.data_dir / "artifacts").rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "127.0.0.1:8000"},
+        {"Host": "[::1]:8000"},
+        {"Host": "localhost:8000", "Origin": "http://localhost:3000"},
+        {"Host": "127.0.0.2", "Origin": "http://127.0.0.1:8000"},
+    ],
+)
+def test_an_open_service_answers_loopback_names(client, headers):
+    assert client.get("/v1/files", headers=headers).status_code == 200
+
+
+def test_with_a_key_any_host_and_origin_may_call(afina_keys, client):
+    key = create(afina_keys, "alpha")
+    foreign = {"Host": "afina.example.com", "Origin": "https://app.example.com"}
+    assert client.get("/v1/files", headers={**foreign, **bearer(key)}).status_code == 200
+    assert client.get("/v1/files", headers=foreign).status_code == 401
+
+
+def test_the_health_probes_need_no_key_behind_a_proxy_prefix(make_settings):
+    app = create_app(make_settings(api_keys=["alpha:key-a"]))
+    with TestClient(app, base_url=LOCAL, root_path="/afina") as client:
+        assert client.get("/afina/healthz").status_code == 200
+        assert client.get("/afina/v1/files").status_code == 401

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
 from afina.models import File
-from tests.support import assert_error, rows, upload
+from tests.support import LOCAL, assert_error, rows, upload
 
 CHAT = b"".join(
     json.dumps(
@@ -153,7 +153,7 @@ def test_each_kind_of_bad_file_gets_a_message(client, settings, content, message
 
 def test_upload_over_the_size_limit_is_413_and_leaves_nothing(make_settings):
     settings = make_settings(max_upload_bytes=len(CHAT) - 1)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         error = assert_error(upload(client, CHAT), 413, "file", "file_too_large")
         assert str(len(CHAT) - 1) in error["message"]
         assert upload(client, CHAT[: len(CHAT) // 3]).status_code == 200
@@ -191,7 +191,11 @@ def post_chunked_upload(app, chunks: int, headers: tuple = ()) -> tuple[int, dic
         "root_path": "",
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
-        "headers": [(b"content-type", b"multipart/form-data; boundary=b"), *headers],
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"multipart/form-data; boundary=b"),
+            *headers,
+        ],
     }
     asyncio.run(app(scope, receive, send))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -206,7 +210,7 @@ def test_body_over_the_limit_is_refused_before_it_is_read(make_settings):
     assert (status, body["error"]["code"]) == (413, "file_too_large")
     assert pulled * 64 * 1024 <= 1000 + MULTIPART_OVERHEAD + 64 * 1024
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         declared = {"content-type": "multipart/form-data; boundary=b", "content-length": "50000000"}
         assert_error(client.post("/v1/files", content=b"x", headers=declared), 413, "file")
     assert rows(settings, File) == []
@@ -250,14 +254,16 @@ def test_readiness_is_503_when_the_database_is_unreachable(make_settings):
     settings = make_settings(
         database_url="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1"
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"].startswith("unreachable")
 
 
 def test_readiness_is_503_when_the_broker_is_unreachable(make_settings):
-    with TestClient(create_app(make_settings(broker_url="redis://127.0.0.1:1/0"))) as client:
+    with TestClient(
+        create_app(make_settings(broker_url="redis://127.0.0.1:1/0")), base_url=LOCAL
+    ) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
     checks = response.json()["checks"]
@@ -268,7 +274,7 @@ def test_readiness_is_503_when_the_broker_is_unreachable(make_settings):
 def test_api_keys_gate_every_route_but_health_and_separate_projects(make_settings):
     settings = make_settings(api_keys=["alpha:key-a", "key-default"])
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         missing = client.get("/v1/files")
         assert_error(missing, 401, None, "missing_api_key")
         assert missing.headers["www-authenticate"] == "Bearer"

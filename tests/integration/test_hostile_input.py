@@ -30,7 +30,7 @@ from afina.core.settings import Settings
 from afina.core.storage import TEMPORARY_MARK, adapter_key
 from afina.models import File, Job, JobEvent, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from tests.support import JOB_CONFIG, assert_error, jsonl, rows, upload
+from tests.support import JOB_CONFIG, LOCAL, assert_error, jsonl, rows, upload
 
 ALLOWED = ["org/*", "/models/*"]  # globs only: no base model is callable by name
 BASE = "org/base-model"
@@ -484,7 +484,7 @@ def test_an_integral_number_is_an_integer(client, job_body):
 def test_trust_remote_code_is_never_taken_from_a_request(make_settings, spool, path):
     """Not even where the operator has allowed remote code: the operator decides alone."""
     settings = make_settings(allowed_models=ALLOWED, trust_remote_code=True)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         body = {"model": BASE, "training_file": upload(client, CHAT).json()["id"]}
         for value in ("true", '"true"', "1", "false", "null"):
             response = client.post(

@@ -21,7 +21,7 @@ from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobStatus
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.inference.engine import InferenceEngine
-from tests.support import JOB_CONFIG, assert_error
+from tests.support import JOB_CONFIG, LOCAL, assert_error
 
 ALLOWED = ["/models/a", "org/*"]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -190,7 +190,7 @@ def test_another_projects_models_are_not_found(make_settings):
     put_adapter(settings, checkpoint_key(theirs.id, 1))
     key_a = {"Authorization": "Bearer key1"}
     key_b = {"Authorization": "Bearer key2"}
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         assert client.get(f"/v1/models/{mine.fine_tuned_model}", headers=key_a).is_success
         assert client.get(f"/v1/models/{theirs.fine_tuned_model}", headers=key_b).is_success
         for name in (theirs.fine_tuned_model, theirs.id, f"{theirs.id}:ckpt-step-1"):
@@ -489,7 +489,7 @@ def test_a_fine_tuned_model_whose_base_left_the_allow_list_is_refused(make_setti
     job = add_job(settings, JobStatus.SUCCEEDED, checkpoints=(4,))
     put_adapter(settings, adapter_key(job.id))
     put_adapter(settings, checkpoint_key(job.id, 4))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         assert_error(chat(client, job.fine_tuned_model), 403, "model", "model_not_allowed")
         assert_error(chat(client, job.id), 403, "model", "model_not_allowed")
         assert_error(chat(client, f"{job.id}:ckpt-step-4"), 404, "model", "model_not_found")

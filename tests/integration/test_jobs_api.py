@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
 from afina.models import Job, JobEvent, JobStatus
-from tests.support import assert_error, jsonl, rows, upload
+from tests.support import LOCAL, assert_error, jsonl, rows, upload
 
 CHAT = jsonl(
     *(
@@ -158,6 +158,7 @@ def test_max_seq_length_over_the_model_limit_is_refused(client, body, settings):
         ("relative/../../etc", "neither a Hugging Face id"),
         ("./models/tiny", "neither a Hugging Face id"),
         ("/nonexistent/model", "does not exist"),
+        ("/tmp/" + "a" * 300, "File name too long"),  # is_dir() itself raises
     ],
 )
 def test_unusable_models_are_refused(client, body, settings, model, message):
@@ -175,7 +176,7 @@ def test_a_directory_without_a_model_is_refused(client, body, model_dir):
 
 def test_the_allow_list_is_enforced_on_normalised_paths(make_settings, model_dir, tmp_path):
     allowed = str(tmp_path / "models" / "*")
-    with TestClient(create_app(make_settings(allowed_models=[allowed]))) as client:
+    with TestClient(create_app(make_settings(allowed_models=[allowed])), base_url=LOCAL) as client:
         file_id = upload(client, CHAT).json()["id"]
         escape = f"{model_dir}/../../../etc"
         for model in ("meta-llama/Llama-3.1-8B", escape, "/etc"):
@@ -195,7 +196,7 @@ def test_a_hub_id_defers_max_seq_length_to_the_worker(client, body):
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
 def test_files_must_exist_and_belong_to_the_caller(make_settings, model_dir, field):
     app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         theirs = upload(client, CHAT, headers={"Authorization": "Bearer key-b"}).json()["id"]
         mine = upload(client, CHAT, headers={"Authorization": "Bearer key-a"}).json()["id"]
         for file_id in (theirs, "file-doesnotexist", "not-an-id"):
@@ -208,7 +209,7 @@ def test_files_must_exist_and_belong_to_the_caller(make_settings, model_dir, fie
 
 def test_an_unreachable_queue_stores_no_job(make_settings, model_dir):
     settings = make_settings(broker_url="redis://127.0.0.1:1/0")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         file_id = upload(client, CHAT).json()["id"]
         response = create(client, {"model": str(model_dir), "training_file": file_id})
     assert_error(response, 503, None, "queue_unavailable")
@@ -258,7 +259,7 @@ def test_a_queued_job_has_events_but_no_checkpoints_or_metrics(client, body):
 )
 def test_another_projects_job_is_not_found(make_settings, model_dir, path):
     app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         a = {"Authorization": "Bearer key-a"}
         file_id = upload(client, CHAT, headers=a).json()["id"]
         job_id = client.post(
@@ -341,7 +342,9 @@ def test_a_symlink_out_of_the_allow_list_is_refused(make_settings, model_dir, tm
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "link").symlink_to(model_dir.parent)
-    with TestClient(create_app(make_settings(allowed_models=[f"{allowed}/*"]))) as client:
+    with TestClient(
+        create_app(make_settings(allowed_models=[f"{allowed}/*"])), base_url=LOCAL
+    ) as client:
         file_id = upload(client, CHAT).json()["id"]
         response = create(client, {"model": f"{allowed}/link/tiny", "training_file": file_id})
     assert_error(response, 400, "model", "model_not_available")
@@ -385,7 +388,7 @@ def test_a_file_an_unfinished_job_uses_cannot_be_deleted(client, body, settings,
 
 def test_a_json_body_over_its_limit_is_refused_before_it_is_read(make_settings, body):
     settings = make_settings(max_json_bytes=1000)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         big = {**body, "suffix": "x" * 2000}
         response = client.post("/v1/fine_tuning/jobs", json=big)
         error = assert_error(response, 413, None, "request_too_large")

@@ -45,7 +45,7 @@ from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
 from afina.models.session import make_engine, make_session_factory
-from tests.support import jsonl, rows, upload
+from tests.support import LOCAL, jsonl, rows, upload
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -235,7 +235,7 @@ def filter_failure(context, failure, case, response) -> bool:
 @pytest.fixture
 def fuzz_app(settings: Settings) -> Iterator[FastAPI]:
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         KNOWN.update(seed_objects(client, settings))
         APP.app = app
         try:

@@ -52,8 +52,21 @@ def test_api_keys_map_to_their_project_and_bare_keys_to_default():
     }
 
 
-@pytest.mark.parametrize("entry", ["a b:s3cret", f"{'p' * 65}:s3cret", "team:", ":s3cret"])
-def test_api_keys_with_bad_project_names_or_empty_keys_are_refused(entry):
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("a b:s3cret", "entry 2: the project"),
+        (f"{'p' * 65}:s3cret", "entry 2: the project"),
+        ("Xy9+s3cret/abc:rest", "entry 2: the project"),  # a bare key with a ':' in it
+        ("team:", "entry 2: the key"),
+        (":s3cret", "entry 2: the project"),
+        ("team: s3cret", "entry 2: the key"),  # the space would never match
+        ("team:cl\u00e9s3cret", "entry 2: the key"),  # a header carries no such character
+        ("other:other-s3cret", "entry 2 repeats the key of entry 1"),  # whose project?
+    ],
+)
+def test_api_keys_that_no_request_could_use_are_refused(entry, problem):
     with pytest.raises(ValidationError, match="api_keys") as refused:
         Settings(_env_file=None, api_keys=["ok:other-s3cret", entry])
-    assert "s3cret" not in str(refused.value)  # the error never shows a key
+    assert problem in str(refused.value)
+    assert "s3cret" not in str(refused.value)  # the error never shows a key, or part of one
