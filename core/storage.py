@@ -99,6 +99,12 @@ class ArtifactStorage:
             partial.rename(target)
         return target
 
+    def move(self, source: str, key: str) -> None:
+        """Put what is under `source` at `key`, replacing what was there (a rename on local
+        storage, a copy then a delete on object stores)."""
+        self._remove(self.path(key))
+        self.fs.mv(self.path(source), self.path(key), recursive=True)
+
     def names(self, key: str) -> list[str]:
         """The names of the objects directly under `key` that are whole (not being written)."""
         # Object stores' file systems keep listings for ever; other processes write here.

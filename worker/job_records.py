@@ -6,19 +6,33 @@ A run holds its job by its `run_id`: everything it writes (progress, heartbeats,
 metric points, checkpoints) is written only while the job is `running` under that id, so a
 run whose job was taken back (its worker was thought lost, then came back: a frozen process,
 a lost database connection) or cancelled writes nothing more and stops at its next step.
+
+A write that fails because the database is briefly away (restarting, a dropped connection,
+SQLite's lock held too long) is tried again, with backoff, for up to `RETRY_SECONDS`: a
+running job does not fail for it; only a longer outage fails the run.
 """
 
+import functools
 import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import ColumnElement, and_, delete, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from afina.core.ids import new_id
 from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key
@@ -33,6 +47,45 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 shutdown_requested = threading.Event()
 # Set by `afina serve` for the worker child it starts: a name of its own for that process.
 WORKER_ID_VARIABLE = "AFINA_WORKER_ID"
+
+# How long a run's write is tried again while the database is away, in all, and the first
+# and longest waits between tries.
+RETRY_SECONDS = 180.0
+RETRY_FIRST_WAIT_SECONDS = 0.5
+RETRY_LONGEST_WAIT_SECONDS = 15.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _transient(error: BaseException) -> bool:
+    """A database error that a later try may not meet: the database was away, not the SQL."""
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
+def retried(write: Callable[P, R]) -> Callable[P, R]:
+    """Try `write` again while it fails for a transient database error, then re-raise."""
+
+    @functools.wraps(write)
+    def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in Retrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_delay(RETRY_SECONDS),
+            wait=wait_exponential(
+                multiplier=RETRY_FIRST_WAIT_SECONDS,
+                min=RETRY_FIRST_WAIT_SECONDS,
+                max=RETRY_LONGEST_WAIT_SECONDS,
+            ),
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+            reraise=True,
+        ):
+            with attempt:
+                return write(*args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover - Retrying re-raises
+
+    return retrying
 
 
 def this_worker() -> str:
@@ -71,10 +124,12 @@ class JobRecorder:
         self.job_id = job_id
         self.run_id = run_id
 
+    @retried
     def held(self) -> bool:
         with self.session_factory.begin() as session:
             return hold(session, self.job_id, self.run_id)
 
+    @retried
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
     ) -> None:
@@ -82,6 +137,7 @@ class JobRecorder:
             if hold(session, self.job_id, self.run_id):
                 session.add(new_event(self.job_id, message, level=level, data=data))
 
+    @retried
     def metric(self, step: int, values: dict[str, float | None]) -> None:
         # A resumed run writes again the steps it repeats; a run whose job was taken back
         # must not overwrite those of the run that holds it now.
@@ -89,6 +145,7 @@ class JobRecorder:
             if hold(session, self.job_id, self.run_id):
                 session.merge(JobMetric(job_id=self.job_id, step=step, at=utcnow(), **values))
 
+    @retried
     def progress(
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
     ) -> bool:
@@ -125,9 +182,18 @@ class JobRecorder:
             Path(directory), checkpoint_key(self.job_id, step), names=ADAPTER_FILES
         )
         self.storage.put_directory(Path(directory), resume_key(self.job_id, step))
+        if not self._record_checkpoint(step, metrics):
+            return  # lost while uploading: the run's end removes it if the job is over
+        for name in self.storage.names(resume_key(self.job_id)):
+            if name != f"step-{step}":
+                self.storage.delete(f"{resume_key(self.job_id)}/{name}")
+
+    @retried
+    def _record_checkpoint(self, step: int, metrics: dict[str, float | None]) -> bool:
+        """List the checkpoint, if the run still holds the job."""
         with self.session_factory.begin() as session:
             if not hold(session, self.job_id, self.run_id):
-                return  # lost while uploading: the run's end removes it if the job is over
+                return False
             session.execute(
                 delete(JobCheckpoint).where(
                     JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == step
@@ -139,9 +205,7 @@ class JobRecorder:
             session.add(
                 new_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
             )
-        for name in self.storage.names(resume_key(self.job_id)):
-            if name != f"step-{step}":
-                self.storage.delete(f"{resume_key(self.job_id)}/{name}")
+        return True
 
 
 class Heartbeat:

@@ -37,6 +37,7 @@ from afina.worker.job_records import (
     Heartbeat,
     JobRecorder,
     held_by,
+    hold,
     shutdown_requested,
     this_worker,
 )
@@ -64,6 +65,13 @@ def _remove_workdir(context: WorkerContext, job: Job) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     with suppress(OSError):  # still holds another run's
         workdir.parent.rmdir()
+
+
+def _staged_adapter_key(job: Job) -> str:
+    """Where a run uploads its adapter: a key of its own, moved to the job's adapter key only
+    by the run that marks the job succeeded, so a run that lost its job never replaces the
+    adapter of the run that finished it."""
+    return f"jobs/{job.id}/runs/{job.run_id}/adapter"
 
 
 def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
@@ -186,27 +194,42 @@ def _finish(
         return _stopped(context, job, outcome.steps)
     if not recorder.held():  # cancelled, or taken back: the adapter is not this run's to save
         return _stopped(context, job, outcome.steps)
-    key = adapter_key(job.id)
-    context.storage.put_directory(outcome.adapter_dir, key)
-    name = job.fine_tuned_model_name()
-    succeeded = _transition(
-        context,
-        job,
-        f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
-        f"the adapter is served as {name}",
-        status=JobStatus.SUCCEEDED,
-        fine_tuned_model=name,
-        trained_tokens=outcome.trained_tokens,
-        config=outcome.config.model_dump(mode="json"),
-        finished_at=utcnow(),
-        estimated_finish=None,
-    )
-    if not succeeded:  # lost while the adapter was saved: keep nothing of it...
-        with context.session_factory() as session:
-            status = session.scalar(select(Job.status).where(Job.id == job.id))
-        if status != JobStatus.SUCCEEDED:  # ...unless another run of the job finished it
-            context.storage.delete(key)
+    staged = _staged_adapter_key(job)
+    try:
+        context.storage.put_directory(outcome.adapter_dir, staged)
+        _succeed(context, job, outcome, staged)
+    finally:
+        context.storage.delete(staged.removesuffix("/adapter"))
     return False
+
+
+def _succeed(context: WorkerContext, job: Job, outcome: TrainingOutcome, staged: str) -> None:
+    """Move the staged adapter into place and mark the job succeeded, in one transaction
+    that holds the job (its row, or SQLite's write lock) from the check to the commit: no
+    other run can take the job meanwhile. A run that lost its job (while uploading) moves
+    nothing: the job's adapter stays the one of the run that finished it, if any."""
+    name = job.fine_tuned_model_name()
+    values: dict[str, Any] = {
+        "status": JobStatus.SUCCEEDED,
+        "fine_tuned_model": name,
+        "trained_tokens": outcome.trained_tokens,
+        "config": outcome.config.model_dump(mode="json"),
+        "finished_at": utcnow(),
+        "estimated_finish": None,
+    }
+    with context.session_factory.begin() as session:
+        if not hold(session, job.id, job.run_id or ""):
+            return
+        # Replaces only what a run whose success never committed left there.
+        context.storage.move(staged, adapter_key(job.id))
+        session.execute(update(Job).where(held_by(job.id, job.run_id or "")).values(**values))
+        session.add(
+            new_event(
+                job.id,
+                f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
+                f"the adapter is served as {name}",
+            )
+        )
 
 
 def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
@@ -221,14 +244,14 @@ def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
     )
 
 
-def _forget_resume_state(
-    session_factory: sessionmaker[Session], storage: ArtifactStorage, job_id: str
-) -> None:
-    """Remove the trainer state kept to resume the job once it has ended for good."""
-    with session_factory() as session:
+def _forget_resume_state(context: WorkerContext, job_id: str) -> None:
+    """Remove what was kept to resume the job once it has ended for good: the trainer state,
+    and the job's scratch folder (with what runs killed before their end left in it)."""
+    with context.session_factory() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None or status.is_final:
-        storage.delete(resume_key(job_id))
+        context.storage.delete(resume_key(job_id))
+        shutil.rmtree(context.settings.data_dir / "work" / job_id, ignore_errors=True)
 
 
 def _as_failure(error: BaseException) -> TrainingFailure:
@@ -270,7 +293,7 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
     finally:
         _remove_workdir(context, job)
         try:
-            _forget_resume_state(context.session_factory, context.storage, job.id)
+            _forget_resume_state(context, job.id)
         except Exception:
             logger.exception("could not remove the resume state of job %s", job.id)
     return requeued

@@ -10,15 +10,23 @@ change it makes is a conditional UPDATE) and every few seconds:
   `afina serve`, which sees its own worker child die, runs a pass naming it at once.
 - sends the message of a `queued` job that has none: the process that stored the job died
   before it could queue it.
+
+A heartbeat is only as old as the database lets it be: while the database takes no writes
+(locked, restarting), no worker can stamp one. So jobs are taken back for their heartbeat
+only once the database has been taking writes for a whole timeout (`healthy_since`): each
+pass first times a write that changes nothing, and a slow one, or a pass that failed, starts
+that wait again. A worker known to have ended (`dead_worker`) is a certain loss: its jobs
+are taken back at once all the same.
 """
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, Row, or_, select, update
+from sqlalchemy import ColumnElement, Row, false, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.settings import Settings
@@ -32,6 +40,10 @@ logger = logging.getLogger(__name__)
 # A new job's message is sent by the API right after the job is stored: only one still
 # unsent after this long has lost its sender.
 UNSENT_GRACE_SECONDS = 10.0
+
+
+class _TooSlow(Exception):
+    """A take-back's UPDATE waited on the database for longer than a pass lasts."""
 
 
 class Reconciler:
@@ -48,6 +60,9 @@ class Reconciler:
         self.timeout = timedelta(seconds=settings.worker_timeout_seconds)
         self.max_attempts = settings.max_attempts
         self.interval = max(0.5, min(10.0, settings.worker_timeout_seconds / 6))
+        # Since when (time.monotonic) the database has taken this reconciler's writes without
+        # stalling; a process starting takes it as healthy, and its first pass checks.
+        self.healthy_since = time.monotonic() - self.timeout.total_seconds()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
 
@@ -71,10 +86,38 @@ class Reconciler:
     def reconcile(self, dead_worker: str | None = None) -> None:
         """One pass. `dead_worker` names a worker process known to have ended (`afina serve`
         saw its child die): its jobs are taken back at once, not once their heartbeat is old."""
+        try:
+            self._probe()
+            self._reconcile(dead_worker)
+        except Exception:
+            self._unhealthy()
+            raise
+
+    def _unhealthy(self) -> None:
+        self.healthy_since = time.monotonic()
+
+    def _probe(self) -> None:
+        """Time a write that changes nothing but waits, like any write, for the database to
+        take writes (on SQLite, its write lock): a slow one means the workers' heartbeats
+        may have waited too."""
+        started = time.monotonic()
+        with self.session_factory.begin() as session:
+            session.execute(update(Job).where(false()).values(worker=None))
+        if time.monotonic() - started > self.interval:
+            logger.warning("the database was slow to take a write: heartbeats may be late")
+            self._unhealthy()
+
+    def _heartbeats_trusted(self) -> bool:
+        return time.monotonic() - self.healthy_since >= self.timeout.total_seconds()
+
+    def _reconcile(self, dead_worker: str | None) -> None:
         now = utcnow()
-        lost_if = Job.heartbeat_at < now - self.timeout
+        causes = []
+        if self._heartbeats_trusted():
+            causes.append(Job.heartbeat_at < now - self.timeout)
         if dead_worker is not None:
-            lost_if = or_(lost_if, Job.worker == dead_worker)
+            causes.append(Job.worker == dead_worker)
+        lost_if = or_(*causes) if causes else false()
         with self.session_factory() as session:
             lost = session.execute(
                 select(
@@ -93,22 +136,32 @@ class Reconciler:
         broker_up = True
         for job in lost:
             try:
+                certain = job.worker is not None and job.worker == dead_worker
                 cause = (
                     "its worker process ended"
-                    if job.worker is not None and job.worker == dead_worker
+                    if certain
                     else f"no heartbeat for {(now - job.heartbeat_at).total_seconds():.0f} s"
                 )
-                if self._take_back(job, now, lost_if, cause) and broker_up:
+                if self._take_back(job, now, lost_if, cause, certain) and broker_up:
                     broker_up = self._send(job.id)
+            except _TooSlow:
+                logger.warning("the database stalled taking back job %s: left as it is", job.id)
+                self._unhealthy()
             except Exception:
                 logger.exception("could not take back job %s; trying again later", job.id)
+                self._unhealthy()
         for job_id in unsent:
             if broker_up:
                 logger.warning("job %s was queued without a message: sending it", job_id)
                 broker_up = self._send(job_id)
 
     def _take_back(
-        self, job: Row[Any], now: datetime, lost_if: ColumnElement[bool], cause: str
+        self,
+        job: Row[Any],
+        now: datetime,
+        lost_if: ColumnElement[bool],
+        cause: str,
+        certain: bool = False,
     ) -> bool:
         """Queue the job again, or fail it; True when it needs its message sent."""
         lost_workers = job.lost_workers + 1
@@ -124,6 +177,7 @@ class Reconciler:
                 lost_if,
                 f"Job failed: {message}",
                 "error",
+                certain=certain,
                 status=JobStatus.FAILED,
                 lost_workers=lost_workers,
                 error={"code": "worker_lost", "message": message, "param": None},
@@ -140,6 +194,7 @@ class Reconciler:
             f"Worker lost {lost}: queued again, to resume from step {resume_step} "
             f"(worker lost {lost_workers} time(s); the job fails at {self.max_attempts})",
             "warn",
+            certain=certain,
             status=JobStatus.QUEUED,
             lost_workers=lost_workers,
             run_id=None,
@@ -150,15 +205,27 @@ class Reconciler:
         )
 
     def _change(
-        self, job: Row[Any], lost_if: ColumnElement[bool], event: str, level: str, **values: Any
+        self,
+        job: Row[Any],
+        lost_if: ColumnElement[bool],
+        event: str,
+        level: str,
+        *,
+        certain: bool,
+        **values: Any,
     ) -> bool:
-        """Apply the change if the job is still running and still looks lost."""
+        """Apply the change if the job is still running and still looks lost. A change that
+        waited on the database for longer than a pass is undone (`_TooSlow`): the heartbeats
+        waited too, unless the job's worker is known to have ended."""
         with self.session_factory.begin() as session:
+            started = time.monotonic()
             changed = session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status == JobStatus.RUNNING, lost_if)
                 .values(**values)
             ).rowcount
+            if changed and time.monotonic() - started > self.interval and not certain:
+                raise _TooSlow  # rolls the change back
             if changed:
                 data = {"lost_workers": values["lost_workers"], "step": job.steps_done}
                 session.add(new_event(job.id, event, level=level, data=data))

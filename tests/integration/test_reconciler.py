@@ -10,6 +10,7 @@ lost its job: whatever it still writes must change nothing.
 
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta, timezone
@@ -20,6 +21,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.ids import new_id
@@ -34,9 +36,10 @@ from afina.core.storage import (
 from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
 from afina.models.base import utcnow
 from afina.models.session import make_engine, make_session_factory
+from afina.worker import job_records, job_runner
 from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
 from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
-from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stopped
+from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stopped, run_job
 from afina.worker.reconciler import UNSENT_GRACE_SECONDS, Reconciler
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
@@ -578,8 +581,11 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
         assert _finish(stack.context(), new, new_run, outcome) is False
 
     class FreezesBeforeUpload(ArtifactStorage):
+        frozen = False
+
         def put_directory(self, local: Path, key: str, **kwargs: Any) -> None:
-            if key == adapter_key(old.id):
+            if key.startswith(f"jobs/{old.id}/") and not self.frozen:  # its adapter's upload
+                self.frozen = True
                 next_run_finishes_the_job()
             super().put_directory(local, key, **kwargs)
 
@@ -591,7 +597,9 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
     row = stored(stack, old.id)
     assert row.status == JobStatus.SUCCEEDED
     assert (row.attempts, row.lost_workers) == (2, 1)
-    assert stack.storage.exists(adapter_key(old.id))  # the succeeded job keeps an adapter
+    saved = Path(stack.storage.path(adapter_key(old.id))) / "adapter_model.safetensors"
+    assert saved.read_text() == "the next run's adapter"  # not the lost run's, uploaded after
+    assert stack.storage.names(f"jobs/{old.id}/runs") == []  # nor left anywhere
 
 
 def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_run_s_state(
@@ -623,3 +631,166 @@ def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_ru
     with stack.session_factory() as session:
         assert list(session.scalars(select(JobCheckpoint))) == []
     assert not any(e.message.startswith("Checkpoint saved") for e in events(stack, old.id))
+
+
+# --- a database that stalls or goes away for a while -----------------------------------------
+
+
+class Stalls:
+    """A session factory that first makes a transaction wait `seconds` (the database took
+    no writes meanwhile), then works as `factory` does."""
+
+    def __init__(self, factory: sessionmaker[Session], seconds: float) -> None:
+        self.factory = factory
+        self.seconds = seconds
+
+    def begin(self) -> Any:
+        if self.seconds:
+            time.sleep(self.seconds)
+            self.seconds = 0
+        return self.factory.begin()
+
+    def __call__(self) -> Session:
+        return self.factory()
+
+
+class Fails:
+    """A session factory whose first `times` transactions (None: all) fail as with the
+    database restarting, then works as `factory` does."""
+
+    def __init__(self, factory: sessionmaker[Session], times: int | None) -> None:
+        self.factory = factory
+        self.times = times
+        self.calls = 0
+
+    def _fail(self) -> None:
+        self.calls += 1
+        if self.times is None or self.calls <= self.times:
+            raise OperationalError("SELECT 1", {}, Exception("the database system is starting up"))
+
+    def begin(self) -> Any:
+        self._fail()
+        return self.factory.begin()
+
+    def __call__(self) -> Session:
+        self._fail()
+        return self.factory()
+
+
+def test_heartbeats_count_only_once_the_database_has_taken_writes_for_a_timeout(stack: Stack):
+    """The database was away: no worker could stamp its heartbeat, so an old stamp says
+    nothing until the workers have had a whole timeout to stamp again. A worker seen to
+    die is lost all the same."""
+    stale = running_job(stack)
+    dead = running_job(stack, silent=timedelta(0), worker="afina-serve-dead")
+    reconciler = stack.reconciler()
+    failing = Fails(reconciler.session_factory, times=1)
+    working = reconciler.session_factory
+    reconciler.session_factory = failing  # type: ignore[assignment]
+    with pytest.raises(OperationalError):
+        reconciler.reconcile()  # the database is away
+    reconciler.session_factory = working
+
+    reconciler.reconcile(dead_worker="afina-serve-dead")  # back, and a worker died
+
+    assert stored(stack, stale.id).status == JobStatus.RUNNING
+    assert events(stack, stale.id) == []
+    assert stored(stack, dead.id).status == JobStatus.QUEUED
+    assert take_messages(stack) == [dead.id]
+
+    reconciler.healthy_since -= TIMEOUT  # the database has taken writes for a timeout since
+    reconciler.reconcile()
+
+    assert stored(stack, stale.id).status == JobStatus.QUEUED
+    assert take_messages(stack) == [stale.id]
+
+
+def test_a_stalled_write_probe_holds_heartbeat_take_backs_for_a_timeout(stack: Stack):
+    timeout = 3.0
+    stale = running_job(stack)
+    reconciler = stack.reconciler(worker_timeout_seconds=timeout)
+    working = reconciler.session_factory
+    # The pass's first write, its probe, waits for longer than a pass lasts.
+    reconciler.session_factory = Stalls(working, reconciler.interval + 0.2)  # type: ignore[assignment]
+
+    reconciler.reconcile()
+
+    assert stored(stack, stale.id).status == JobStatus.RUNNING
+    assert take_messages(stack) == []
+    reconciler.healthy_since -= timeout
+    reconciler.reconcile()
+    assert stored(stack, stale.id).status == JobStatus.QUEUED
+    assert take_messages(stack) == [stale.id]
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_records, "RETRY_FIRST_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(job_records, "RETRY_LONGEST_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(job_records, "RETRY_SECONDS", 1.0)
+
+
+def test_a_run_s_writes_go_through_once_the_database_is_back(
+    stack: Stack, tmp_path: Path, quick_retries: None
+):
+    job = running_job(stack, silent=timedelta(0))
+    flaky = Fails(stack.session_factory, times=0)
+    run = JobRecorder(flaky, stack.storage, job.id, job.run_id or "")  # type: ignore[arg-type]
+
+    flaky.times, flaky.calls = 3, 0
+    assert run.progress(16, 40, 0.4, None) is True
+    flaky.times, flaky.calls = 3, 0
+    run.metric(16, {"loss": 1.5})
+    flaky.times, flaky.calls = 3, 0
+    run.event("Step 16: eval_loss 1.25")
+    flaky.times, flaky.calls = 3, 0
+    assert run.held() is True
+    flaky.times, flaky.calls = 3, 0
+    run.checkpoint(20, str(trainer_state(tmp_path, 20)), {"step": 20})
+
+    row = stored(stack, job.id)
+    assert (row.status, row.steps_done) == (JobStatus.RUNNING, 16)
+    with stack.session_factory() as session:
+        metrics = list(session.scalars(select(JobMetric).where(JobMetric.job_id == job.id)))
+        checkpoints = list(session.scalars(select(JobCheckpoint)))
+    assert [(m.step, m.loss) for m in metrics] == [(16, 1.5)]
+    assert [c.step for c in checkpoints] == [20]
+    assert [e.message for e in events(stack, job.id)] == [
+        "Step 16: eval_loss 1.25",
+        "Checkpoint saved at step 20",
+    ]
+
+
+def test_a_run_s_write_fails_when_the_database_stays_away(stack: Stack, quick_retries: None):
+    job = running_job(stack, silent=timedelta(0))
+    down = Fails(stack.session_factory, times=None)
+    run = JobRecorder(down, stack.storage, job.id, job.run_id or "")  # type: ignore[arg-type]
+
+    with pytest.raises(OperationalError):
+        run.progress(16, 40, 0.4, None)
+
+    assert down.calls > 1  # tried again before giving up
+    assert stored(stack, job.id).steps_done == STEPS_DONE
+
+
+def test_a_job_that_ends_leaves_no_scratch_folder_behind(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The run that was killed left its scratch folder; the run that ends the job removes
+    the job's whole scratch space."""
+    job = running_job(stack)
+    scratch = stack.settings.data_dir / "work" / job.id
+    (scratch / (job.run_id or "")).mkdir(parents=True)
+    (scratch / (job.run_id or "") / "tokenized.bin").write_text("the killed run's")
+    stack.reconciler().reconcile()
+    assert take_messages(stack) == [job.id]
+
+    def trains(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
+        assert job_runner._workdir(context, job).parent == scratch
+        return trained(job_runner._workdir(context, job) / "adapter", "adapter")
+
+    monkeypatch.setattr(job_runner, "_train", trains)
+    assert run_job(stack.context(), job.id) is False
+
+    assert stored(stack, job.id).status == JobStatus.SUCCEEDED
+    assert not scratch.exists()
