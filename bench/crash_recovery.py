@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import openai
 import psutil
-from train_job import AFINA, dataset, wait_until_up
+from train_job import AFINA, afina_serve, dataset
 
 
 def moment(value: str) -> datetime:
@@ -116,22 +115,9 @@ def main() -> None:
     model = str(workdir / "demo")
     subprocess.run([AFINA, "demo-model", model], check=True, capture_output=True)
     (workdir / "train.jsonl").write_text(dataset(args.examples))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "AFINA_DATA_DIR": str(workdir / "data"),
-        "AFINA_WORKER_TIMEOUT_SECONDS": str(args.worker_timeout),
-    }
-    log = (workdir / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
     database = Database(workdir / "data" / "afina.db")
-    try:
-        wait_until_up(base, server)
+    timeout = str(args.worker_timeout)
+    with afina_serve(workdir, AFINA_WORKER_TIMEOUT_SECONDS=timeout) as (base, server):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         with (workdir / "train.jsonl").open("rb") as data:
             training_file = client.files.create(file=data, purpose="fine-tune").id
@@ -207,10 +193,6 @@ def main() -> None:
             f"  total    created -> succeeded              {total:6.2f} s  "
             f"(uninterrupted {baseline:.2f} s: +{total - baseline:.2f} s)"
         )
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
 
 
 if __name__ == "__main__":

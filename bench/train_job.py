@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -59,6 +61,28 @@ def wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
     sys.exit("afina serve did not come up")
 
 
+@contextmanager
+def afina_serve(workdir: Path, **variables: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`afina serve` on a free loopback port, with its data in `workdir/data`, its log in
+    `workdir/serve.log` and these variables set; its URL and process once it answers. It is
+    stopped at the end."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), **variables}
+    with (workdir / "serve.log").open("wb") as log:
+        server = subprocess.Popen(
+            [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_up(base, server)
+            yield base, server
+        finally:
+            server.terminate()
+            server.wait(60)
+
+
 def timings(database: Path, job_id: str) -> dict[str, float]:
     with sqlite3.connect(database) as connection:
         created, started, finished = connection.execute(
@@ -86,18 +110,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="afina-bench-"))
     subprocess.run([AFINA, "demo-model", str(workdir / "demo")], check=True, capture_output=True)
     (workdir / "train.jsonl").write_text(dataset(args.examples))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
-    log = (workdir / "serve.log").open("wb")
     started = time.monotonic()
-    server = subprocess.Popen(
-        [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(base, server)
+    with afina_serve(workdir) as (base, _server):
         print(f"afina serve answering after {time.monotonic() - started:.1f} s")
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         with (workdir / "train.jsonl").open("rb") as data:
@@ -122,10 +136,6 @@ def main() -> None:
                 f"{number:>3}  {steps:>5}  {spans['queue']:5.2f}  {spans['start-up']:8.2f}"
                 f"  {spans['training']:8.2f}  {spans['finish']:6.2f}  {spans['total']:5.2f}"
             )
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
 
 
 if __name__ == "__main__":

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         "has lost its worker: it is queued again (or failed after max_attempts). Workers stamp "
         "every sixth of it; the clocks of the API and worker machines must agree well within it.",
     )
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often a worker stamps its running job's heartbeat: a sixth of the timeout."""
+        return self.worker_timeout_seconds / 6
+
     max_attempts: int = Field(
         default=3,
         ge=1,

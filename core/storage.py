@@ -28,6 +28,13 @@ def adapter_key(job_id: str) -> str:
     return f"jobs/{job_id}/adapter"
 
 
+def staged_adapter_key(job_id: str, run_id: str) -> str:
+    """Where a run uploads its adapter before the run that marks the job succeeded moves it to
+    `adapter_key`: a run that lost its job never replaces the adapter of the run that
+    finished it."""
+    return f"jobs/{job_id}/adapter-{run_id}"
+
+
 def checkpoint_key(job_id: str, step: int) -> str:
     return f"jobs/{job_id}/checkpoints/step-{step}"
 

@@ -11,7 +11,6 @@ import logging
 import secrets
 import shutil
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from afina.core.storage import (
     file_key,
     latest_resume_step,
     resume_key,
+    staged_adapter_key,
 )
 from afina.models import Job, JobStatus, new_event
 from afina.models.base import utcnow
@@ -54,24 +54,14 @@ class WorkerContext:
     storage: ArtifactStorage
 
 
+def _job_workdir(context: WorkerContext, job_id: str) -> Path:
+    return context.settings.data_dir / "work" / job_id
+
+
 def _workdir(context: WorkerContext, job: Job) -> Path:
     """The run's scratch space. Its own, not the job's: workers may share the data dir, and a
     run whose job was taken back may still be going while the next run of the job starts."""
-    return context.settings.data_dir / "work" / job.id / (job.run_id or "")
-
-
-def _remove_workdir(context: WorkerContext, job: Job) -> None:
-    workdir = _workdir(context, job)
-    shutil.rmtree(workdir, ignore_errors=True)
-    with suppress(OSError):  # still holds another run's
-        workdir.parent.rmdir()
-
-
-def _staged_adapter_key(job: Job) -> str:
-    """Where a run uploads its adapter: a key of its own, moved to the job's adapter key only
-    by the run that marks the job succeeded, so a run that lost its job never replaces the
-    adapter of the run that finished it."""
-    return f"jobs/{job.id}/runs/{job.run_id}/adapter"
+    return _job_workdir(context, job.id) / (job.run_id or "")
 
 
 def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
@@ -194,12 +184,12 @@ def _finish(
         return _stopped(context, job, outcome.steps)
     if not recorder.held():  # cancelled, or taken back: the adapter is not this run's to save
         return _stopped(context, job, outcome.steps)
-    staged = _staged_adapter_key(job)
+    staged = staged_adapter_key(job.id, job.run_id or "")
     try:
         context.storage.put_directory(outcome.adapter_dir, staged)
         _succeed(context, job, outcome, staged)
     finally:
-        context.storage.delete(staged.removesuffix("/adapter"))
+        context.storage.delete(staged)  # moved into place, or this run's to throw away
     return False
 
 
@@ -244,14 +234,14 @@ def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
     )
 
 
-def _forget_resume_state(context: WorkerContext, job_id: str) -> None:
+def _clean_up_if_ended(context: WorkerContext, job_id: str) -> None:
     """Remove what was kept to resume the job once it has ended for good: the trainer state,
     and the job's scratch folder (with what runs killed before their end left in it)."""
     with context.session_factory() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None or status.is_final:
         context.storage.delete(resume_key(job_id))
-        shutil.rmtree(context.settings.data_dir / "work" / job_id, ignore_errors=True)
+        shutil.rmtree(_job_workdir(context, job_id), ignore_errors=True)
 
 
 def _as_failure(error: BaseException) -> TrainingFailure:
@@ -281,19 +271,18 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
         return False
     run_id = job.run_id or ""
     recorder = JobRecorder(context.session_factory, context.storage, job.id, run_id)
-    interval = context.settings.worker_timeout_seconds / 6
     requeued = False
     try:
-        with Heartbeat(context.session_factory, job.id, run_id, interval):
+        with Heartbeat(context.session_factory, job.id, run_id, context.settings.heartbeat_seconds):
             try:
                 requeued = _finish(context, job, recorder, _train(context, job, recorder))
             except Exception as error:
                 logger.exception("job %s failed", job.id)
                 _fail(context, job, _as_failure(error))
     finally:
-        _remove_workdir(context, job)
+        shutil.rmtree(_workdir(context, job), ignore_errors=True)
         try:
-            _forget_resume_state(context, job.id)
+            _clean_up_if_ended(context, job.id)
         except Exception:
             logger.exception("could not remove the resume state of job %s", job.id)
     return requeued

@@ -59,7 +59,7 @@ class Reconciler:
         self.queue = queue
         self.timeout = timedelta(seconds=settings.worker_timeout_seconds)
         self.max_attempts = settings.max_attempts
-        self.interval = max(0.5, min(10.0, settings.worker_timeout_seconds / 6))
+        self.interval = max(0.5, min(10.0, settings.heartbeat_seconds))
         # Since when (time.monotonic) the database has taken this reconciler's writes without
         # stalling; a process starting takes it as healthy, and its first pass checks.
         self.healthy_since = time.monotonic() - self.timeout.total_seconds()
@@ -137,12 +137,7 @@ class Reconciler:
         for job in lost:
             try:
                 certain = job.worker is not None and job.worker == dead_worker
-                cause = (
-                    "its worker process ended"
-                    if certain
-                    else f"no heartbeat for {(now - job.heartbeat_at).total_seconds():.0f} s"
-                )
-                if self._take_back(job, now, lost_if, cause, certain) and broker_up:
+                if self._take_back(job, now, lost_if, certain) and broker_up:
                     broker_up = self._send(job.id)
             except _TooSlow:
                 logger.warning("the database stalled taking back job %s: left as it is", job.id)
@@ -160,11 +155,13 @@ class Reconciler:
         job: Row[Any],
         now: datetime,
         lost_if: ColumnElement[bool],
-        cause: str,
-        certain: bool = False,
+        certain: bool,
     ) -> bool:
-        """Queue the job again, or fail it; True when it needs its message sent."""
+        """Queue the job again, or fail it; True when it needs its message sent. `certain`:
+        its worker is known to have ended, rather than silent."""
         lost_workers = job.lost_workers + 1
+        silent = (now - job.heartbeat_at).total_seconds()
+        cause = "its worker process ended" if certain else f"no heartbeat for {silent:.0f} s"
         lost = f"at step {job.steps_done} ({cause})"
         if lost_workers >= self.max_attempts:
             message = (

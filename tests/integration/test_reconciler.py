@@ -32,6 +32,7 @@ from afina.core.storage import (
     adapter_key,
     checkpoint_key,
     resume_key,
+    staged_adapter_key,
 )
 from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
 from afina.models.base import utcnow
@@ -444,7 +445,9 @@ def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack:
 def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: Path):
     old = running_job(stack)  # the job as the lost run knows it
     old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
-    old_heartbeat = Heartbeat(stack.session_factory, old.id, old.run_id or "", TIMEOUT / 6)
+    old_heartbeat = Heartbeat(
+        stack.session_factory, old.id, old.run_id or "", stack.settings.heartbeat_seconds
+    )
     keep_resume_state(stack, tmp_path, old.id, 10)
 
     stack.reconciler().reconcile()
@@ -537,17 +540,23 @@ def test_a_stopping_worker_leaves_a_job_taken_back_from_it_where_it_is(
     assert snapshot(stored(stack, job.id)) == taken_back
 
 
+def next_run_succeeds(stack: Stack, job_id: str, tmp_path: Path) -> Job:
+    """The job's next run, claimed once the job was taken back, ends with its own adapter."""
+    new = _claim(stack.context(), job_id, task_id="task-2")
+    assert new is not None
+    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+    outcome = trained(tmp_path / "new", "the next run's adapter")
+    assert _finish(stack.context(), new, new_run, outcome) is False
+    return new
+
+
 def test_a_lost_run_that_ends_after_the_next_run_succeeded_leaves_the_job_as_it_is(
     stack: Stack, tmp_path: Path
 ):
     old = running_job(stack)
     old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
     stack.reconciler().reconcile()
-    new = _claim(stack.context(), old.id, task_id="task-2")
-    assert new is not None
-    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
-    outcome = trained(tmp_path / "new", "the next run's adapter")
-    assert _finish(stack.context(), new, new_run, outcome) is False
+    new = next_run_succeeds(stack, old.id, tmp_path)
     succeeded = snapshot(stored(stack, old.id))
     assert succeeded["status"] == JobStatus.SUCCEEDED
     assert succeeded["fine_tuned_model"] == new.fine_tuned_model_name()
@@ -574,11 +583,7 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
             stale = utcnow() - SILENT
             session.execute(update(Job).where(Job.id == old.id).values(heartbeat_at=stale))
         stack.reconciler().reconcile()
-        new = _claim(stack.context(), old.id, task_id="task-2")
-        assert new is not None
-        new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
-        outcome = trained(tmp_path / "new", "the next run's adapter")
-        assert _finish(stack.context(), new, new_run, outcome) is False
+        next_run_succeeds(stack, old.id, tmp_path)
 
     class FreezesBeforeUpload(ArtifactStorage):
         frozen = False
@@ -599,7 +604,7 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
     assert (row.attempts, row.lost_workers) == (2, 1)
     saved = Path(stack.storage.path(adapter_key(old.id))) / "adapter_model.safetensors"
     assert saved.read_text() == "the next run's adapter"  # not the lost run's, uploaded after
-    assert stack.storage.names(f"jobs/{old.id}/runs") == []  # nor left anywhere
+    assert not stack.storage.exists(staged_adapter_key(old.id, old.run_id or ""))  # nor left
 
 
 def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_run_s_state(
