@@ -3,13 +3,15 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
 from afina.api.auth import ApiKeyAuth
+from afina.api.database import DatabaseThreads
 from afina.api.errors import install_error_handlers
 from afina.api.keys import KeyStore
-from afina.api.limits import BodySizeLimit
+from afina.api.limits import ConcurrencyLimit, RequestLimits
 from afina.api.routers import files, fine_tuning, health, inference, models
 from afina.core.settings import Settings, get_settings
 from afina.core.storage import ArtifactStorage
@@ -21,18 +23,26 @@ from afina.worker.reconciler import Reconciler
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    # The threads that use the database (the database threads, and anyio's for the routes
+    # that are plain functions) and its pool are sized together (see `make_engine`): a
+    # thread never waits for a connection another request holds.
+    engine = make_engine(settings.database_url, threads=2 * settings.api_threads)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         app.state.reconciler.start()
         yield
-        await run_in_threadpool(app.state.reconciler.stop)
-        await run_in_threadpool(app.state.inference.close)
+        # Threads of their own: stopping must not wait for the request threads' places.
+        await anyio.to_thread.run_sync(app.state.reconciler.stop, limiter=CapacityLimiter(1))
+        await anyio.to_thread.run_sync(app.state.inference.close, limiter=CapacityLimiter(1))
+        await anyio.to_thread.run_sync(app.state.database.close, limiter=CapacityLimiter(1))
         app.state.celery.close()
         engine.dispose()
 
     app = FastAPI(
+        # FastAPI's OpenTelemetry hook looks at the environment on every request when on.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         title="afina",
         summary="Self-hosted, OpenAI-compatible QLoRA fine-tuning",
         version="0.1.0",
@@ -41,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.database = DatabaseThreads(engine, settings.api_threads)
     app.state.storage = ArtifactStorage(settings.storage_url)
     app.state.celery = create_celery(settings)
     app.state.inference = InferenceEngine(settings, app.state.storage)
@@ -48,15 +59,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings, app.state.session_factory, app.state.storage, app.state.celery
     )
     install_error_handlers(app)
-    # The last added runs first: the size limit, then the key check, then the app.
+    # The last added runs first: the limit on requests at once, the body's limits, then the
+    # key check, then the app.
     app.add_middleware(
-        ApiKeyAuth, keys=KeyStore(app.state.session_factory, settings.api_key_projects())
+        ApiKeyAuth,
+        keys=KeyStore(
+            app.state.session_factory, settings.api_key_projects(), settings.key_cache_seconds
+        ),
+        database=app.state.database,
     )
     app.add_middleware(
-        BodySizeLimit,
+        RequestLimits,
         max_upload_bytes=settings.max_upload_bytes,
         max_json_bytes=settings.max_json_bytes,
+        body_timeout=settings.body_timeout_seconds,
     )
+    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

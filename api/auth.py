@@ -10,11 +10,11 @@ web page the user opens can neither read it through DNS rebinding nor post a for
 
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from afina.api.asgi import is_loopback, route_path
+from afina.api.database import DatabaseThreads
 from afina.api.errors import error_response
 from afina.api.keys import KeyStore
 from afina.core.settings import DEFAULT_PROJECT
@@ -23,9 +23,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore, database: DatabaseThreads) -> None:
         self.app = app
         self.keys = keys
+        self.database = database
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
@@ -35,11 +36,12 @@ class ApiKeyAuth:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            required = await run_in_threadpool(self.keys.required)
-            if required:
-                project = await run_in_threadpool(self.keys.project_for, token) if token else None
-            else:
-                project = DEFAULT_PROJECT
+            required = self.keys.known_required() or await self.database.call(self.keys.required)
+            project = DEFAULT_PROJECT if not required else None
+            if required and token:
+                project = self.keys.remembered_project(token)
+                if project is None:
+                    project = await self.database.call(self.keys.project_for, token)
         except SQLAlchemyError:
             message = "The service cannot check API keys right now: its database is unreachable."
             await error_response(503, message, code="database_unavailable")(scope, receive, send)
@@ -78,6 +80,6 @@ def _local(headers: Headers) -> bool:
     )
 
 
-def get_project(request: Request) -> str:
+async def get_project(request: Request) -> str:
     """The caller's project, as `ApiKeyAuth` found it."""
     return request.state.project

@@ -1,5 +1,6 @@
 """The `afina` command line."""
 
+import contextlib
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from afina.api import keys
 from afina.api.asgi import is_loopback
+from afina.api.server import server_config
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models import ApiKey
@@ -39,6 +41,9 @@ app = typer.Typer(
 logger = logging.getLogger("afina.cli")
 
 MAX_KEY_NAME = ApiKey.name.type.length
+# The embedded worker's nice value: it trains at a lower priority than the API it shares the
+# machine with (threads it starts later inherit it).
+WORKER_NICENESS = 10
 # How long a stopping worker may take to halt its run at the next step and re-queue it.
 WORKER_STOP_SECONDS = 30
 
@@ -64,6 +69,9 @@ def _start_worker(worker_id: str) -> subprocess.Popen[bytes]:
     worker = subprocess.Popen(
         [sys.executable, "-m", "afina.worker"], env=env, start_new_session=True
     )
+    # Training takes every core it is given; the API beside it must still answer at once.
+    with contextlib.suppress(OSError):  # it may have ended already
+        os.setpriority(os.PRIO_PROCESS, worker.pid, WORKER_NICENESS)
     logger.info("started the training worker (pid %d)", worker.pid)
     return worker
 
@@ -154,9 +162,6 @@ class WorkerSupervisor:
         _stop_worker(self._worker)
 
 
-GRACEFUL_SHUTDOWN_SECONDS = 20
-
-
 def _exit_cleanly(_signal: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -210,15 +215,10 @@ def serve(
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _exit_cleanly)
     try:
-        uvicorn.run(
-            "afina.api.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            log_level=settings.log_level.lower(),
-            # Open streams (a long generation) get this long to end before they are cut.
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        config = server_config(
+            "afina.api.app:create_app", settings, factory=True, host=host, port=port
         )
+        uvicorn.Server(config).run()
     finally:
         if worker is not None:
             worker.stop()

@@ -1,11 +1,12 @@
 """FastAPI dependencies: settings, a database session per request, storage, the caller,
 the job queue."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from afina.api.auth import get_project
@@ -14,7 +15,9 @@ from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
 
 
-def app_settings(request: Request) -> Settings:
+# The dependencies that only read app state are coroutines: FastAPI would run a plain
+# function on a worker thread, a costly hop for an attribute read.
+async def app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -23,12 +26,21 @@ def db_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def artifact_storage(request: Request) -> ArtifactStorage:
+async def artifact_storage(request: Request) -> ArtifactStorage:
     return request.app.state.storage
 
 
-def job_queue(request: Request) -> Celery:
+async def job_queue(request: Request) -> Celery:
     return request.app.state.celery
+
+
+T = TypeVar("T")
+
+
+async def reading(request: Request, work: Callable[[Session], T]) -> T:
+    """`work(session)` on a database thread (`api.database`): the read routes use this
+    instead of `DbDep`, one thread hop for the whole request."""
+    return await request.app.state.database.reading(work)
 
 
 Row = TypeVar("Row")
@@ -37,14 +49,18 @@ Row = TypeVar("Row")
 def owned_row(
     db: Session, entity: type[Row], object_id: str, prefix: str, project: str
 ) -> Row | None:
-    """The caller's object with this id, or None: another project's object is as absent as
-    one that does not exist."""
-    row = db.get(entity, object_id) if looks_like_id(object_id, prefix) else None
-    return row if row is not None and getattr(row, "project", None) == project else None
+    """The caller's object with this id, or None. One query by id and project: another
+    project's object takes the same path, and the same time, as one that does not exist."""
+    if not looks_like_id(object_id, prefix):
+        return None
+    query = select(entity).where(entity.id == object_id, entity.project == project)  # type: ignore[attr-defined]
+    return db.scalars(query).first()
 
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
-DbDep = Annotated[Session, Depends(db_session)]
+# Closed as soon as the route function returns, before the answer is serialized: a request
+# never holds a pooled connection while it waits for a thread.
+DbDep = Annotated[Session, Depends(db_session, scope="function")]
 StorageDep = Annotated[ArtifactStorage, Depends(artifact_storage)]
 ProjectDep = Annotated[str, Depends(get_project)]
 QueueDep = Annotated[Celery, Depends(job_queue)]

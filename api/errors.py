@@ -6,10 +6,12 @@ The OpenAPI schema says the same: routers declare their error statuses with
 `error_responses`, and FastAPI's 422 (which afina never answers) is taken out of it.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
 import fastapi.routing
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +23,7 @@ from starlette.routing import Match
 from afina.core.datasets import json_limit_reason
 from afina.core.fields import field_path
 
+logger = logging.getLogger(__name__)
 _CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
 
@@ -51,11 +54,13 @@ _ERRORS = {
     401: "No API key, or one the service does not know (`Authorization: Bearer <key>`)",
     403: "The model is no longer allowed here (AFINA_ALLOWED_MODELS)",
     404: "No such object in the caller's project",
+    408: "The client took too long to send the request's body (AFINA_BODY_TIMEOUT_SECONDS)",
     409: "The object's state does not allow this",
     413: "The body is over AFINA_MAX_UPLOAD_BYTES (uploads) or AFINA_MAX_JSON_BYTES",
     429: "Too many generation requests are waiting",
-    503: "A service this request needs is unavailable: the database, the job queue or the "
-    "inference engine",
+    503: "A service this request needs is unavailable (the database, the job queue or the "
+    "inference engine), or the API is at its limit of requests at once "
+    "(AFINA_MAX_CONCURRENT_REQUESTS); `Retry-After` says when to try again",
 }
 # What every route behind an API key can answer: refused keys, or a database that cannot
 # check them.
@@ -78,9 +83,10 @@ class APIError(HTTPException):
         *,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
-        super().__init__(status_code, message)
+        super().__init__(status_code, message, headers)
         self.message = message
         self.param = param
         self.code = code
@@ -115,7 +121,30 @@ def not_found(kind: str, object_id: str) -> APIError:
 
 
 async def _api_error(_request: Request, error: APIError) -> JSONResponse:
-    return error_response(error.status_code, error.message, error.param, error.code, **error.extra)
+    response = error_response(
+        error.status_code, error.message, error.param, error.code, **error.extra
+    )
+    if error.headers:
+        response.headers.update(error.headers)
+    return response
+
+
+def overloaded(message: str, code: str) -> JSONResponse:
+    """A 503 that asks the client to come back in a second: the service is busy, not
+    broken."""
+    response = error_response(503, message, code=code)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+async def _database_unavailable(_request: Request, error: Exception) -> JSONResponse:
+    # A pool that had no connection for POOL_TIMEOUT_SECONDS, a lock held too long, a
+    # server that went away: the request may well succeed in a moment.
+    logger.warning("database unavailable: %s", error)
+    return overloaded(
+        "The database is busy or unreachable right now; nothing was changed. Try again.",
+        "database_unavailable",
+    )
 
 
 def _field(location: tuple[int | str, ...]) -> str:
@@ -228,5 +257,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = _documented(app.openapi)  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ one indexed lookup. The key itself is shown once, when it is made.
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,12 +38,31 @@ def find_bootstrap_project(keys: dict[str, str], token: str) -> str | None:
 
 
 class KeyStore:
-    """Which project a key belongs to, and whether callers need a key at all."""
+    """Which project a key belongs to, and whether callers need a key at all.
 
-    def __init__(self, session_factory: sessionmaker[Session], bootstrap: dict[str, str]) -> None:
+    A key found valid is remembered for `cache_seconds`, so that a busy client's requests
+    do not each cost a database query and a thread; a revoked key therefore stops within
+    that time. That keys exist is remembered for good once one does; that none does is
+    never remembered, so the first key closes the service at once.
+    """
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        bootstrap: dict[str, str],
+        cache_seconds: float = 0.0,
+    ) -> None:
         self.session_factory = session_factory
         self.bootstrap = bootstrap
+        self.cache_seconds = cache_seconds
         self._keys_exist = bool(bootstrap)
+        self._valid: dict[str, tuple[str, float]] = {}  # key digest -> (project, until)
+
+    def known_required(self) -> bool:
+        """Whether `required()` is known to be true without asking the database."""
+        return self._keys_exist
 
     def required(self) -> bool:
         """True once any key exists, set or stored (a revoked one too): from then on, a caller
@@ -51,8 +71,16 @@ class KeyStore:
             self._keys_exist = any_stored_key(self.session_factory)
         return self._keys_exist
 
-    def project_for(self, token: str) -> str | None:
+    def remembered_project(self, token: str) -> str | None:
+        """The project of a bootstrap key, or of a stored key found valid lately; no I/O."""
         project = find_bootstrap_project(self.bootstrap, token)
+        if project is not None:
+            return project
+        found = self._valid.get(digest(token))
+        return found[0] if found is not None and time.monotonic() < found[1] else None
+
+    def project_for(self, token: str) -> str | None:
+        project = self.remembered_project(token)
         if project is not None:
             return project
         hashed = digest(token)
@@ -64,6 +92,10 @@ class KeyStore:
             ).first()
         if row is None or not hmac.compare_digest(row.key_hash, hashed):
             return None
+        if self.cache_seconds > 0:
+            if len(self._valid) >= self.MAX_REMEMBERED:
+                self._valid.clear()
+            self._valid[hashed] = (row.project, time.monotonic() + self.cache_seconds)
         return row.project
 
 

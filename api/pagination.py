@@ -34,7 +34,7 @@ class PageParams:
 def page_params(default_limit: int, max_limit: int) -> Any:
     """A dependency reading `after`, `limit` and `order` from the query string."""
 
-    def params(
+    async def params(
         after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=max_limit)] = default_limit,
         order: Order = "desc",

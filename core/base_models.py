@@ -3,6 +3,11 @@
 A base model is a Hugging Face id (`org/name`, downloaded by the worker) or an absolute path
 to a local directory holding a model. `AFINA_ALLOWED_MODELS` holds glob patterns matched
 against the id or the normalised path.
+
+What a refusal says names the model as the caller sent it, never the path it resolves to,
+and it says the same of a path that does not exist as of one that is no model directory or
+cannot be entered: a caller learns nothing of the server's file system beyond the models it
+may use.
 """
 
 import json
@@ -36,37 +41,54 @@ def normalise(model: str) -> str:
     resolved), so that an allow-list pattern cannot be walked out of; a hub id unchanged."""
     if any(not character.isprintable() for character in model):
         raise ModelRefused("model must not contain control characters")
-    return os.path.realpath(model) if is_local(model) else model
+    if not is_local(model):
+        return model
+    try:
+        return os.path.realpath(model)
+    except OSError:  # a link it may not follow (`/proc/1/root`), a name too long
+        raise not_a_model_directory(model) from None
 
 
-def check_allowed(model: str, patterns: list[str]) -> None:
+def not_a_model_directory(shown: str) -> ModelRefused:
+    return ModelRefused(
+        f"model {shown!r} is not a model directory this service can read "
+        "(a directory holding config.json)"
+    )
+
+
+def check_allowed(model: str, patterns: list[str], shown: str | None = None) -> None:
+    """Refuse `model` unless a pattern matches it; the message names it as `shown` (what
+    the caller sent)."""
     if not any(fnmatchcase(model, pattern) for pattern in patterns):
         raise ModelRefused(
-            f"model {model!r} is not allowed here: AFINA_ALLOWED_MODELS permits "
-            + ", ".join(repr(pattern) for pattern in patterns)
+            f"model {shown if shown is not None else model!r} is not allowed here: "
+            "AFINA_ALLOWED_MODELS permits " + ", ".join(repr(pattern) for pattern in patterns)
         )
 
 
-def read_local_config(path: str) -> dict[str, object]:
-    """The `config.json` of a local model directory; ModelRefused if there is none."""
+def read_local_config(path: str, shown: str | None = None) -> dict[str, object]:
+    """The `config.json` of a local model directory; ModelRefused if there is none. Messages
+    name the model as `shown` (what the caller sent)."""
+    shown = path if shown is None else shown
     directory = Path(path)
     config_file = directory / "config.json"
     try:  # a name too long, a directory the service may not enter: OSError, even to look
-        is_model = directory.is_dir(), config_file.is_file()
-    except OSError as error:
-        raise ModelRefused(f"cannot look at model directory {path!r}: {error.strerror}") from None
-    if not is_model[0]:
-        raise ModelRefused(f"model directory {path!r} does not exist")
-    if not is_model[1]:  # not a FIFO or a device either: reading one could hang
-        raise ModelRefused(f"{path!r} holds no model: config.json is missing")
+        is_model = directory.is_dir() and config_file.is_file()
+    except OSError:
+        is_model = False
+    if not is_model:  # not a FIFO or a device either: reading one could hang
+        raise not_a_model_directory(shown)
+    problem = f"cannot read the config.json of model {shown!r}"
     try:
         if config_file.stat().st_size > MAX_CONFIG_BYTES:
-            raise ModelRefused(f"{config_file} is over {MAX_CONFIG_BYTES} bytes: not a config")
+            raise ModelRefused(f"{problem}: it is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ModelRefused(f"cannot read {config_file}: {error}") from None
+    except OSError as error:
+        raise ModelRefused(f"{problem}: {error.strerror}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ModelRefused(f"{problem}: {error}") from None
     if not isinstance(config, dict):
-        raise ModelRefused(f"{config_file} is not a JSON object")
+        raise ModelRefused(f"{problem}: it is not a JSON object")
     return config
 
 

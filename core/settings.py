@@ -82,6 +82,49 @@ class Settings(BaseSettings):
         "every sixth of it; the clocks of the API and worker machines must agree well within it.",
     )
 
+    api_threads: int = Field(
+        default=16,
+        ge=1,
+        le=512,
+        description="Threads the API runs database work on, and as many for other blocking "
+        "work (files). Its database pool holds a connection for each and a few more "
+        "(2 x api_threads + 8 at most), so a thread never waits for one.",
+    )
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests the API works on at once; beyond it a request is answered 503 "
+        "with Retry-After at once rather than queued (/healthz is never refused).",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Open client connections; a connection beyond it is closed at once.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="How long a client may take to send a request's line and headers.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="How long a request's body may go without a byte arriving (408), and an "
+        "answer may wait for a client that stopped reading it (the connection is closed).",
+    )
+    access_log: bool = Field(
+        default=False,
+        description="Log every request (uvicorn's access log); off by default, as it costs "
+        "about a tenth of a cheap request. The compose file's proxy logs requests.",
+    )
+    key_cache_seconds: float = Field(
+        default=1,
+        ge=0,
+        le=60,
+        description="How long the API remembers that a key is valid: a revoked key stops "
+        "within this time. 0 checks the database on every request.",
+    )
+
     @property
     def heartbeat_seconds(self) -> float:
         """How often a worker stamps its running job's heartbeat: a sixth of the timeout."""

@@ -6,11 +6,12 @@ from collections.abc import Iterator
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy import delete, or_, select
+from sqlalchemy.orm import Session
 
-from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
+from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row, reading
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
@@ -120,19 +121,23 @@ def create_file(
     return FileObject.of(row)
 
 
-def _owned_file(db: DbDep, project: ProjectDep, file_id: str) -> File:
+def _owned_file(db: Session, project: str, file_id: str) -> File:
     row = owned_row(db, File, file_id, "file", project)
     if row is None:
         raise not_found("file", file_id)
     return row
 
 
-OwnedFile = Annotated[File, Depends(_owned_file)]
+def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:
+    return _owned_file(db, project, file_id)
+
+
+OwnedFile = Annotated[File, Depends(_owned_file_dependency)]
 
 
 @router.get("", response_model=ListPage[FileObject], responses=error_responses(400))
-def list_files(
-    db: DbDep,
+async def list_files(
+    request: Request,
     project: ProjectDep,
     page: Annotated[PageParams, Depends(page_params(10_000, 10_000))],
     purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
@@ -140,12 +145,12 @@ def list_files(
     query = select(File).where(File.project == project)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
-    return list_page(db, query, File, page, FileObject.of)
+    return await reading(request, lambda db: list_page(db, query, File, page, FileObject.of))
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
-def retrieve_file(row: OwnedFile) -> FileObject:
-    return FileObject.of(row)
+async def retrieve_file(request: Request, project: ProjectDep, file_id: str) -> FileObject:
+    return await reading(request, lambda db: FileObject.of(_owned_file(db, project, file_id)))
 
 
 @router.get(

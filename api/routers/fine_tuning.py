@@ -2,13 +2,23 @@
 recorded (events, checkpoints, and afina's whole metric series)."""
 
 import logging
+import os
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
-from afina.api.deps import DbDep, ProjectDep, QueueDep, SettingsDep, StorageDep, owned_row
+from afina.api.deps import (
+    DbDep,
+    ProjectDep,
+    QueueDep,
+    SettingsDep,
+    StorageDep,
+    owned_row,
+    reading,
+)
 from afina.api.errors import KEYED, APIError, error_responses, not_found, shown_id
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.jobs import (
@@ -54,10 +64,15 @@ def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
             raise base_models.ModelRefused(
                 f"model {model!r} is neither a Hugging Face id (org/name) nor an absolute path"
             )
-        base_models.check_allowed(name, allowed)
+        if base_models.is_local(name):
+            # The path as written first: a path outside the allow-list is refused before the
+            # file system is looked at, so whether it exists does not show.
+            written = "/" + os.path.normpath(model).lstrip("/")  # `//x` is `/x`
+            base_models.check_allowed(written, allowed, shown=model)
+        base_models.check_allowed(name, allowed, shown=model)
         if not base_models.is_local(name):
             return name, None
-        return name, base_models.max_length(base_models.read_local_config(name))
+        return name, base_models.max_length(base_models.read_local_config(name, shown=model))
     except base_models.ModelRefused as refused:
         raise APIError(400, str(refused), param="model", code="model_not_available") from None
 
@@ -133,24 +148,32 @@ def create_job(
     return JobObject.of(job)
 
 
-def _owned_job(db: DbDep, project: ProjectDep, job_id: str) -> Job:
+def _owned_job(db: Session, project: str, job_id: str) -> Job:
     row = owned_row(db, Job, job_id, "ftjob", project)
     if row is None:
         raise not_found("fine-tuning job", job_id)
     return row
 
 
-OwnedJob = Annotated[Job, Depends(_owned_job)]
+def _owned_job_dependency(db: DbDep, project: ProjectDep, job_id: str) -> Job:
+    return _owned_job(db, project, job_id)
+
+
+OwnedJob = Annotated[Job, Depends(_owned_job_dependency)]
+
+# The read routes below are polled hard (a client watching its job): each is a coroutine
+# that does all its database work in one `reading` call.
 
 
 @router.get("", response_model=ListPage[JobObject], responses=error_responses(400))
-def list_jobs(db: DbDep, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
-    return list_page(db, select(Job).where(Job.project == project), Job, page, JobObject.of)
+async def list_jobs(request: Request, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
+    query = select(Job).where(Job.project == project)
+    return await reading(request, lambda db: list_page(db, query, Job, page, JobObject.of))
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
-def retrieve_job(job: OwnedJob) -> JobObject:
-    return JobObject.of(job)
+async def retrieve_job(request: Request, project: ProjectDep, job_id: str) -> JobObject:
+    return await reading(request, lambda db: JobObject.of(_owned_job(db, project, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
@@ -178,14 +201,24 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
     return JobObject.of(job)
 
 
+def _job_page(
+    db: Session, project: str, job_id: str, entity: Any, page: PageParams, to_object: Any
+) -> ListPage[Any]:
+    job = _owned_job(db, project, job_id)
+    return list_page(db, select(entity).where(entity.job_id == job.id), entity, page, to_object)
+
+
 @router.get(
     "/{job_id}/events",
     response_model=ListPage[EventObject],
     responses=error_responses(400, 404),
 )
-def list_events(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[EventObject]:
-    query = select(JobEvent).where(JobEvent.job_id == job.id)
-    return list_page(db, query, JobEvent, page, EventObject.of)
+async def list_events(
+    request: Request, project: ProjectDep, job_id: str, page: PageDep
+) -> ListPage[EventObject]:
+    return await reading(
+        request, lambda db: _job_page(db, project, job_id, JobEvent, page, EventObject.of)
+    )
 
 
 @router.get(
@@ -193,13 +226,22 @@ def list_events(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[EventObject
     response_model=ListPage[CheckpointObject],
     responses=error_responses(400, 404),
 )
-def list_checkpoints(job: OwnedJob, db: DbDep, page: PageDep) -> ListPage[CheckpointObject]:
-    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)
-    return list_page(db, query, JobCheckpoint, page, CheckpointObject.of)
+async def list_checkpoints(
+    request: Request, project: ProjectDep, job_id: str, page: PageDep
+) -> ListPage[CheckpointObject]:
+    return await reading(
+        request,
+        lambda db: _job_page(db, project, job_id, JobCheckpoint, page, CheckpointObject.of),
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404))
-def job_metrics(job: OwnedJob, db: DbDep) -> MetricSeries:
+async def job_metrics(request: Request, project: ProjectDep, job_id: str) -> MetricSeries:
     """The whole training curve, one point per logging step, in step order."""
-    rows = db.scalars(select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step))
-    return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in rows])
+
+    def series(db: Session) -> MetricSeries:
+        job = _owned_job(db, project, job_id)
+        query = select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step)
+        return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in db.scalars(query)])
+
+    return await reading(request, series)

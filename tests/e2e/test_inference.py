@@ -378,14 +378,17 @@ def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack
         answers[temperature] = httpx.post(f"{url}/generate", json=url_body, timeout=60)
 
     with serving(stack, batch_window_ms=2000) as (url, app):
-        threads = [threading.Thread(target=call, args=(t,)) for t in (0, 1e-40)]
+        # 1e-40 is subnormal in float32; 1e-46 underflows to 0 there; 5e-324 is the smallest
+        # double.
+        temperatures = (0, 1e-40, 1e-46, 5e-324)
+        threads = [threading.Thread(target=call, args=(t,)) for t in temperatures]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert app.state.inference.stats.largest_batch == 2
-    assert [answers[t].status_code for t in (0, 1e-40)] == [200, 200]
-    assert answers[1e-40].json()["text"] == answers[0].json()["text"]
+        assert app.state.inference.stats.largest_batch == len(temperatures)
+    assert [answers[t].status_code for t in temperatures] == [200] * len(temperatures)
+    assert {answers[t].json()["text"] for t in temperatures} == {answers[0].json()["text"]}
 
 
 def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(server, trained):

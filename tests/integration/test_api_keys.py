@@ -5,12 +5,13 @@ request, with no restart."""
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
-from afina.api.keys import KEY_PREFIX
+from afina.api.keys import KEY_PREFIX, revoke_keys
 from afina.models import ApiKey, File
 from tests.support import AFINA, LOCAL, assert_error, jsonl, rows, upload
 
@@ -85,23 +86,42 @@ def test_an_open_service_needs_a_key_from_the_first_key_stored(afina_keys, clien
 
 
 def test_a_revoked_key_stops_at_its_next_request_and_the_service_stays_closed(
-    afina_keys, settings, client
+    afina_keys, make_settings
 ):
+    settings = make_settings(key_cache_seconds=0)
     key = create(afina_keys, "alpha")
-    assert client.get("/v1/files", headers=bearer(key)).status_code == 200
-    (row,) = rows(settings, ApiKey)
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        assert client.get("/v1/files", headers=bearer(key)).status_code == 200
+        (row,) = rows(settings, ApiKey)
 
-    result = afina_keys("revoke", row.id)
-    assert result.returncode == 0, result.stderr
-    assert f"Revoked {row.id} (project alpha)" in result.stdout
+        result = afina_keys("revoke", row.id)
+        assert result.returncode == 0, result.stderr
+        assert f"Revoked {row.id} (project alpha)" in result.stdout
 
-    response = client.get("/v1/files", headers=bearer(key))
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_api_key"
-    # Revoking the last key does not open the service to callers without one.
-    assert client.get("/v1/files").status_code == 401
+        response = client.get("/v1/files", headers=bearer(key))
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+        # Revoking the last key does not open the service to callers without one.
+        assert client.get("/v1/files").status_code == 401
     (row,) = rows(settings, ApiKey)
     assert row.revoked_at is not None
+
+
+def test_a_key_found_valid_is_remembered_for_key_cache_seconds_and_no_longer(
+    afina_keys, make_settings
+):
+    settings = make_settings(key_cache_seconds=1.0)
+    key = create(afina_keys, "alpha")
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        assert client.get("/v1/files", headers=bearer(key)).status_code == 200
+        revoke_keys(client.app.state.session_factory, key, None)
+        revoked = time.monotonic()
+        # Remembered: the next request does not ask the database.
+        assert client.get("/v1/files", headers=bearer(key)).status_code == 200
+        while client.get("/v1/files", headers=bearer(key)).status_code == 200:
+            assert time.monotonic() - revoked < 3, "the revoked key still works after 3 s"
+            time.sleep(0.05)
+        assert client.get("/v1/files", headers=bearer(key)).status_code == 401
 
 
 def test_revoke_by_project_or_by_the_key_itself(afina_keys, settings, client):

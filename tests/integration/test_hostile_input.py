@@ -529,8 +529,8 @@ def test_trust_remote_code_as_a_metadata_label_is_only_a_label(client, settings,
         ("org/base-model\u200b", "control characters"),  # zero-width space
         ("other/base-model", "not allowed"),
         ("/models/../etc/passwd", "not allowed"),
-        ("//models/base", "does not exist"),  # read as /models/base
-        ("/models/nothing-here", "does not exist"),
+        ("//models/base", "is not a model directory"),  # read as /models/base
+        ("/models/nothing-here", "is not a model directory"),
     ],
     ids=repr,
 )

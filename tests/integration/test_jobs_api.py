@@ -157,8 +157,10 @@ def test_max_seq_length_over_the_model_limit_is_refused(client, body, settings):
     [
         ("relative/../../etc", "neither a Hugging Face id"),
         ("./models/tiny", "neither a Hugging Face id"),
-        ("/nonexistent/model", "does not exist"),
-        ("/tmp/" + "a" * 300, "File name too long"),  # is_dir() itself raises
+        ("/nonexistent/model", "is not a model directory this service can read"),
+        ("/tmp/" + "a" * 300, "is not a model directory"),  # is_dir() itself raises
+        ("/proc/1/root", "is not a model directory"),  # realpath() itself raises
+        ("/proc/self/cwd", "is not a model directory"),
     ],
 )
 def test_unusable_models_are_refused(client, body, settings, model, message):
@@ -166,6 +168,19 @@ def test_unusable_models_are_refused(client, body, settings, model, message):
     error = assert_error(create(client, body), 400, "model", "model_not_available")
     assert message in error["message"]
     assert rows(settings, Job) == []
+
+
+def test_a_refused_model_path_reveals_no_server_path(client, body, settings):
+    """The message names the model as it was sent, never where it leads: not the install
+    directory (`/proc/self/cwd`), not the database file an open descriptor points at."""
+    server_paths = {os.getcwd(), str(settings.data_dir)}
+    for model in ["/proc/self/cwd", "/proc/self/cwd/..", "/proc/1/root", "/proc/self/root/etc"]:
+        model_fds = [f"/proc/self/fd/{fd.name}" for fd in Path("/proc/self/fd").iterdir()]
+        for sent in [model, *model_fds[:8]]:
+            body["model"] = sent
+            error = assert_error(create(client, body), 400, "model", "model_not_available")
+            shown = error["message"].replace(repr(sent), "")
+            assert not any(path in shown for path in server_paths), error["message"]
 
 
 def test_a_directory_without_a_model_is_refused(client, body, model_dir):
@@ -176,13 +191,16 @@ def test_a_directory_without_a_model_is_refused(client, body, model_dir):
 
 def test_the_allow_list_is_enforced_on_normalised_paths(make_settings, model_dir, tmp_path):
     allowed = str(tmp_path / "models" / "*")
+    link = tmp_path / "models" / "link-out"
+    link.symlink_to("/etc")
     with TestClient(create_app(make_settings(allowed_models=[allowed])), base_url=LOCAL) as client:
         file_id = upload(client, CHAT).json()["id"]
         escape = f"{model_dir}/../../../etc"
-        for model in ("meta-llama/Llama-3.1-8B", escape, "/etc"):
+        for model in ("meta-llama/Llama-3.1-8B", escape, "/etc", "/no/such/dir", str(link)):
             response = create(client, {"model": model, "training_file": file_id})
             error = assert_error(response, 400, "model", "model_not_available")
-            assert "not allowed" in error["message"]
+            # Whether a path outside the list exists does not show: one message for all.
+            assert error["message"].startswith(f"model {model!r} is not allowed here")
         assert create(client, {"model": str(model_dir), "training_file": file_id}).is_success
 
 

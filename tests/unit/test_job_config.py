@@ -308,10 +308,10 @@ def test_read_local_config_returns_the_json_object(tmp_path):
 @pytest.mark.parametrize(
     ("config_json", "message"),
     [
-        (None, "{path!r} holds no model: config.json is missing"),
-        ("{not json", "cannot read {path}/config.json: Expecting property name"),
-        ("[1, 2]", "{path}/config.json is not a JSON object"),
-        (b"\xff\xfe", "cannot read {path}/config.json: 'utf-8' codec can't decode"),
+        (None, "model {path!r} is not a model directory this service can read"),
+        ("{not json", "cannot read the config.json of model {path!r}: Expecting property name"),
+        ("[1, 2]", "cannot read the config.json of model {path!r}: it is not a JSON object"),
+        (b"\xff\xfe", "cannot read the config.json of model {path!r}: 'utf-8' codec can't"),
     ],
     ids=["no config.json", "invalid JSON", "not an object", "not UTF-8"],
 )
@@ -331,7 +331,18 @@ def test_read_local_config_refuses_a_missing_directory(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ModelRefused) as refused:
         read_local_config(missing)
-    assert str(refused.value) == f"model directory {missing!r} does not exist"
+    assert str(refused.value) == (
+        f"model {missing!r} is not a model directory this service can read "
+        "(a directory holding config.json)"
+    )
+
+
+def test_read_local_config_names_the_model_as_sent(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ModelRefused) as refused:
+        read_local_config(str(tmp_path), shown="/models/mine")
+    assert str(tmp_path) not in str(refused.value)
+    assert "'/models/mine'" in str(refused.value)
 
 
 @pytest.mark.parametrize(

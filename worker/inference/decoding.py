@@ -74,7 +74,10 @@ def _sample(scores: torch.Tensor, row: Row) -> int:
     to its top-p nucleus, drawn with its own generator (so a seed gives the same text in any
     batch)."""
     # Shifted so the best score is 0: a tiny temperature then gives -inf, never inf - inf.
-    probabilities = torch.softmax((scores - scores.max()) / row.temperature, dim=-1)
+    # In float64, where no valid temperature underflows to 0 (1e-46 does in float32, and 0/0
+    # would make the best token's probability NaN): a tiny temperature is greedy.
+    shifted = scores.double() - scores.max().double()
+    probabilities = torch.softmax(shifted / row.temperature, dim=-1)
     if row.top_p < 1:
         ordered, order = probabilities.sort(descending=True)
         outside = ordered.cumsum(0) - ordered > row.top_p  # the first token always stays

@@ -1,0 +1,92 @@
+"""The HTTP server `afina serve` runs: uvicorn, with the guards against slow and piled-up
+clients that uvicorn lacks.
+
+uvicorn closes idle keep-alive connections, but waits for ever on a connection that opens and
+then sends its request line and headers a byte at a time (or not at all), and takes every
+connection it is offered. Here a connection past `max_connections` is closed at once, and a
+request whose line and headers are not all in `header_timeout` seconds after its first byte
+(or after the connection opened) is answered 408 and closed. The request body's pace is the
+app's to watch (`api.limits.RequestLimits`), since only the app knows when it reads one.
+"""
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from afina.core.settings import Settings
+
+# Open streams (a long generation) get this long to end before they are cut at shutdown.
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 42\r\nconnection: close\r\n\r\n"
+    b"The request's headers took too long: bye.\n"
+)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) with a connection cap and a header timeout;
+    `guarded_protocol` sets the two limits."""
+
+    max_connections = 2048
+    header_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.transport.close()
+            return
+        self._wait_for_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._wait_for_head()
+
+    def on_headers_complete(self) -> None:
+        self._stop_waiting()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _wait_for_head(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _stop_waiting(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(REQUEST_TIMEOUT)
+            self.transport.close()
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {
+            "max_connections": settings.max_connections,
+            "header_timeout": settings.header_timeout_seconds,
+        },
+    )
+
+
+def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for afina: `app` (an app, or the factory's import string with
+    `factory=True`) behind the guarded protocol; `options` go to uvicorn, over afina's."""
+    defaults = {
+        "log_level": settings.log_level.lower(),
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+    }
+    return uvicorn.Config(app, http=guarded_protocol(settings), **{**defaults, **options})

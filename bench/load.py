@@ -1,0 +1,383 @@
+"""Load `afina serve` as a busy team (or an attacker) would, and print what it costs.
+
+Starts `afina serve` (embedded default, a key set) in a temp dir, uploads a small dataset,
+then runs the phases asked for against one read route (`--route job` polls a job, `file`
+reads a file object):
+
+    burst N       N requests at once, one connection each; /healthz probed meanwhile
+    rate R        open-loop: R requests a second for --seconds, sent on schedule whether or
+                  not earlier ones were answered (latency counts from the scheduled time, so
+                  a backlog shows); then how long until a poll is back to its idle latency
+
+each while the server is idle, while a job trains on the demo model (`--while training`) or
+while a loop uploads a dataset (`--while uploading`). For each it prints the achieved rate,
+p50/p95/p99/max latency, the answers by status, timeouts, the slowest /healthz, and the API
+process's CPU per answered request (from /proc: the API process alone, not its worker).
+
+The client is a few lines of asyncio over raw keep-alive sockets, so that it costs the
+machine little next to the server it measures. Loopback traffic only.
+
+    .venv/bin/python bench/load.py --burst 200 --rate 200 --while idle training uploading
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+AFINA = Path(sys.executable).with_name("afina")
+KEY = "sk-bench-load"
+TIMEOUT_SECONDS = 10.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends a prepared request and reads the answer
+    (Content-Length bodies only, which is what afina's JSON answers have)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Connection":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, raw: bytes) -> tuple[int, bool]:
+        """The status, and whether the connection can be used again."""
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers.get("connection", "").lower() != "close"
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get_request(path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+    ).encode()
+
+
+@dataclass
+class Results:
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    healthz: list[float] = field(default_factory=list)
+
+    def record(self, started: float, status: int | str) -> None:
+        self.latencies.append(time.perf_counter() - started)
+        self.statuses[str(status)] += 1
+
+
+async def timed(raw: bytes, port: int, pool: list[Connection], results: Results, started: float):
+    connection = pool.pop() if pool else None
+    try:
+        if connection is None:
+            connection = await Connection.open(port)
+        status, reusable = await asyncio.wait_for(connection.request(raw), TIMEOUT_SECONDS)
+        results.record(started, status)
+        if reusable:
+            pool.append(connection)
+            connection = None
+    except TimeoutError:
+        results.record(started, "timeout")
+    except (OSError, asyncio.IncompleteReadError, ValueError) as error:
+        results.record(started, type(error).__name__)
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+async def probe_healthz(port: int, results: Results, stop: asyncio.Event) -> None:
+    raw = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    pool: list[Connection] = []
+    while not stop.is_set():
+        probe = Results()
+        await timed(raw, port, pool, probe, time.perf_counter())
+        results.healthz.append(probe.latencies[0] if probe.statuses.get("200") else 99.0)
+        await asyncio.sleep(0.05)
+    for connection in pool:
+        connection.close()
+
+
+async def burst(port: int, path: str, count: int) -> Results:
+    results = Results()
+    stop = asyncio.Event()
+    prober = asyncio.create_task(probe_healthz(port, results, stop))
+    connections = await asyncio.gather(*(Connection.open(port) for _ in range(count)))
+    raw = get_request(path)
+    started = time.perf_counter()
+    await asyncio.gather(*(timed(raw, port, [c], results, started) for c in connections))
+    stop.set()
+    await prober
+    for connection in connections:
+        connection.close()
+    return results
+
+
+async def open_loop(port: int, path: str, rate: float, seconds: float) -> Results:
+    results = Results()
+    stop = asyncio.Event()
+    prober = asyncio.create_task(probe_healthz(port, results, stop))
+    raw = get_request(path)
+    pool: list[Connection] = []
+    tasks = set()
+    begin = time.perf_counter()
+    for index in range(int(rate * seconds)):
+        scheduled = begin + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(timed(raw, port, pool, results, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    stop.set()
+    await prober
+    for connection in pool:
+        connection.close()
+    return results
+
+
+async def seconds_to_normal(port: int, path: str, normal: float, limit: float = 60.0) -> float:
+    """Seconds from now until five polls in a row answer 200 within 2x the idle p50 (+2 ms)."""
+    raw, pool, began, good = get_request(path), [], time.perf_counter(), 0
+    while good < 5 and time.perf_counter() - began < limit:
+        probe = Results()
+        await timed(raw, port, pool, probe, time.perf_counter())
+        ok = probe.statuses.get("200") and probe.latencies[0] <= 2 * normal + 0.002
+        good = good + 1 if ok else 0
+        await asyncio.sleep(0.02)
+    for connection in pool:
+        connection.close()
+    return time.perf_counter() - began
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def report(label: str, results: Results, wall: float, cpu: float, recovery: float | None):
+    answered = sum(n for status, n in results.statuses.items() if status.isdigit())
+    ms = [1000 * value for value in results.latencies]
+    statuses = " ".join(f"{status}:{n}" for status, n in sorted(results.statuses.items()))
+    row = (
+        f"{label:<28} {answered / wall:7.1f}/s  p50 {percentile(ms, 0.5):7.1f}  "
+        f"p95 {percentile(ms, 0.95):7.1f}  p99 {percentile(ms, 0.99):7.1f}  "
+        f"max {max(ms, default=0):7.1f} ms  "
+        f"healthz max {1000 * max(results.healthz, default=0):6.1f} ms  "
+        f"cpu/req {1000 * cpu / max(answered, 1):5.2f} ms  [{statuses}]"
+    )
+    if recovery is not None:
+        row += f"  normal again after {recovery:.1f} s"
+    print(row, flush=True)
+
+
+def wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with suppress(httpx.TransportError):
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return
+        if server.poll() is not None:
+            sys.exit("afina serve exited")
+        time.sleep(0.1)
+    sys.exit("afina serve did not come up")
+
+
+@contextmanager
+def afina_serve(workdir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), "AFINA_API_KEYS": KEY}
+    env.pop("AFINA_DATABASE_URL", None)
+    env.pop("AFINA_BROKER_URL", None)
+    env.pop("AFINA_STORAGE_URL", None)
+    with (workdir / "serve.log").open("wb") as log:
+        server = subprocess.Popen(
+            [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}", server)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                print("afina serve did not stop in 60 s after SIGTERM: killed", flush=True)
+                server.kill()
+                server.wait()
+
+
+def chat_lines(count: int, words: int) -> bytes:
+    generator = random.Random(0)
+    vocabulary = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    lines = []
+    for _ in range(count):
+        text = " ".join(generator.choices(vocabulary, k=words))
+        chat = [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+        lines.append(json.dumps({"messages": chat}) + "\n")
+    return "".join(lines).encode()
+
+
+class Uploads:
+    """Uploads a dataset again and again on a thread of its own, until stopped."""
+
+    def __init__(self, base: str, content: bytes) -> None:
+        self.base, self.content, self.done = base, content, 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.Client(base_url=self.base, headers=headers, timeout=600) as client:
+            while not self.stopping.is_set():
+                files = {"file": ("load.jsonl", self.content, "application/jsonl")}
+                client.post("/v1/files", data={"purpose": "fine-tune"}, files=files)
+                self.done += 1
+
+    def __enter__(self) -> "Uploads":
+        self.thread.start()
+        time.sleep(0.5)  # the first upload is under way
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+def start_training(client: httpx.Client, workdir: Path) -> str:
+    model = workdir / "demo-model"
+    subprocess.run([AFINA, "demo-model", str(model)], check=True, capture_output=True)
+    uploaded = client.post(
+        "/v1/files",
+        data={"purpose": "fine-tune"},
+        files={"file": ("train.jsonl", chat_lines(400, 60), "application/jsonl")},
+    )
+    uploaded.raise_for_status()
+    body = {
+        "model": str(model),
+        "training_file": uploaded.json()["id"],
+        "hyperparameters": {"n_epochs": 50, "batch_size": 4},
+    }
+    job = client.post("/v1/fine_tuning/jobs", json=body)
+    job.raise_for_status()
+    job_id = job.json()["id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["steps_done"] > 0:
+            return job_id
+        time.sleep(0.5)
+    sys.exit("the training job did not start in 300 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--route", choices=["job", "file"], default="job")
+    parser.add_argument("--burst", type=int, nargs="*", default=[100, 200])
+    parser.add_argument("--rate", type=float, nargs="*", default=[100, 200])
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument(
+        "--while",
+        dest="during",
+        nargs="+",
+        default=["idle"],
+        choices=["idle", "training", "uploading"],
+    )
+    parser.add_argument("--upload-megabytes", type=float, default=200)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="afina-load-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        with afina_serve(workdir, port) as server:
+            base = f"http://127.0.0.1:{port}"
+            headers = {"Authorization": f"Bearer {KEY}"}
+            with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+                job_id = start_training(client, workdir) if "training" in args.during else None
+                small = client.post(
+                    "/v1/files",
+                    data={"purpose": "fine-tune"},
+                    files={"file": ("small.jsonl", chat_lines(10, 5), "application/jsonl")},
+                ).json()["id"]
+                if args.route == "job" and job_id is None:
+                    job_id = client.post(
+                        "/v1/fine_tuning/jobs",
+                        json={"model": "org/never-trained", "training_file": small},
+                    ).json()["id"]
+                    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+            path = f"/v1/fine_tuning/jobs/{job_id}" if args.route == "job" else f"/v1/files/{small}"
+            upload = chat_lines(int(args.upload_megabytes * 1024 * 1024 / 240), 20)
+            print(f"afina serve pid {server.pid}, {os.cpu_count()} cores, route {path}")
+            for during in args.during:
+                if during == "training" and job_id is None:
+                    continue
+                run_phases(during, port, path, server.pid, args, base, upload)
+
+
+def run_phases(during, port, path, pid, args, base, upload) -> None:
+    idle = asyncio.run(open_loop(port, path, 20, 2))
+    normal = percentile(idle.latencies, 0.5)
+    context = Uploads(base, upload) if during == "uploading" else _nothing()
+    with context as uploads:
+        for count in args.burst:
+            cpu, began = cpu_seconds(pid), time.perf_counter()
+            results = asyncio.run(burst(port, path, count))
+            report(
+                f"{during}: burst {count}",
+                results,
+                time.perf_counter() - began,
+                cpu_seconds(pid) - cpu,
+                None,
+            )
+        for rate in args.rate:
+            cpu, began = cpu_seconds(pid), time.perf_counter()
+            results = asyncio.run(open_loop(port, path, rate, args.seconds))
+            wall, used = time.perf_counter() - began, cpu_seconds(pid) - cpu
+            recovery = asyncio.run(seconds_to_normal(port, path, normal))
+            label = f"{during}: {rate:.0f} req/s {args.seconds:.0f} s"
+            report(label, results, wall, used, recovery)
+        if uploads is not None:
+            print(f"{during}: {uploads.done} uploads of {len(upload) / 1e6:.0f} MB finished")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
