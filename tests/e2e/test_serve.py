@@ -4,6 +4,7 @@ fine-tuned model and a chat with it; stopping `afina serve` stops its worker too
 
 import json
 import os
+import socket
 import subprocess
 import time
 
@@ -80,3 +81,34 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_sigterm_stops_serve_while_clients_pile_up_and_stall(tmp_path):
+    """Slow clients, stalled uploads and a burst of reads in flight: SIGTERM still stops
+    `afina serve` by itself, within its graceful shutdown (20 s) and a margin."""
+    with afina_serve(tmp_path, "--no-worker") as (base, server):
+        port = int(base.rsplit(":", 1)[1])
+        stalled = []
+        for _ in range(20):  # headers that never end
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"GET /v1/files HTTP/1.1\r\nHost: localhost\r\n")
+            stalled.append(connection)
+        for _ in range(10):  # uploads that stop half way
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(
+                b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n"
+            )
+            stalled.append(connection)
+        reads = []
+        for _ in range(100):
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"GET /v1/files HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            reads.append(connection)
+        started = time.monotonic()
+        server.terminate()
+        server.wait(timeout=45)
+        assert time.monotonic() - started < 45
+        assert server.returncode == 0
+        for connection in stalled + reads:
+            connection.close()
