@@ -2,11 +2,12 @@
 the job queue."""
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, TypeVar
+from functools import cache
+from typing import Annotated, Any, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import Connection, Select, bindparam, inspect, select
 from sqlalchemy.orm import Session
 
 from afina.api.auth import get_project
@@ -37,13 +38,34 @@ async def job_queue(request: Request) -> Celery:
 T = TypeVar("T")
 
 
-async def reading(request: Request, work: Callable[[Session], T]) -> T:
-    """`work(session)` on a database thread (`api.database`): the read routes use this
+async def reading(request: Request, work: Callable[[Connection], T]) -> T:
+    """`work(connection)` on a database thread (`api.database`): the read routes use this
     instead of `DbDep`, one thread hop for the whole request."""
     return await request.app.state.database.reading(work)
 
 
 Row = TypeVar("Row")
+
+
+@cache
+def records(entity: Any) -> Select[Any]:
+    """A query of `entity`'s columns, each labelled with its attribute's name: its rows read
+    like the ORM's objects (`row.user_metadata`) for a fraction of the cost (no session, no
+    instances), which is what the polled read routes want."""
+    return select(*(column.label(name) for name, column in inspect(entity).columns.items()))
+
+
+@cache
+def _owned_records(entity: Any) -> Select[Any]:
+    # Built once: building a statement costs more than running it.
+    return records(entity).where(entity.id == bindparam("id"), entity.project == bindparam("p"))
+
+
+def owned_record(db: Connection, entity: Any, object_id: str, prefix: str, project: str) -> Any:
+    """`owned_row` for a read route: the row as a record (`records`), or None."""
+    if not looks_like_id(object_id, prefix):
+        return None
+    return db.execute(_owned_records(entity), {"id": object_id, "p": project}).first()
 
 
 def owned_row(

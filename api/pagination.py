@@ -6,8 +6,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
-from sqlalchemy import Select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Select, tuple_
 
 from afina.api.errors import APIError
 from afina.core.ids import ID_PATTERN
@@ -45,11 +44,11 @@ def page_params(default_limit: int, max_limit: int) -> Any:
 
 
 def list_page(
-    db: Session, query: Select[Any], entity: Any, page: PageParams, to_object: Callable[[Any], T]
+    db: Connection, query: Select[Any], entity: Any, page: PageParams, to_object: Callable[[Any], T]
 ) -> ListPage[T]:
-    """One page of `query` (already filtered to the caller's objects) past the `after`
-    cursor, ordered by (created_at, id) so that equal timestamps still page stably, each row
-    turned into its API object."""
+    """One page of `query` (`records` of `entity`, already filtered to the caller's
+    objects) past the `after` cursor, ordered by (created_at, id) so that equal timestamps
+    still page stably, each row turned into its API object."""
     key = tuple_(entity.created_at, entity.id)
     if page.after is not None:
         anchor = db.execute(
@@ -61,7 +60,7 @@ def list_page(
     direction = (entity.created_at, entity.id)
     if page.order == "desc":
         direction = (entity.created_at.desc(), entity.id.desc())
-    rows = list(db.scalars(query.order_by(*direction).limit(page.limit + 1)))
+    rows = db.execute(query.order_by(*direction).limit(page.limit + 1)).all()
     data = [to_object(row) for row in rows[: page.limit]]
     return ListPage(
         data=data,

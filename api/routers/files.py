@@ -8,10 +8,18 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import delete, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, delete, or_, select
 
-from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row, reading
+from afina.api.deps import (
+    DbDep,
+    ProjectDep,
+    SettingsDep,
+    StorageDep,
+    owned_record,
+    owned_row,
+    reading,
+    records,
+)
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
@@ -121,15 +129,11 @@ def create_file(
     return FileObject.of(row)
 
 
-def _owned_file(db: Session, project: str, file_id: str) -> File:
+def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:
     row = owned_row(db, File, file_id, "file", project)
     if row is None:
         raise not_found("file", file_id)
     return row
-
-
-def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:
-    return _owned_file(db, project, file_id)
 
 
 OwnedFile = Annotated[File, Depends(_owned_file_dependency)]
@@ -142,7 +146,7 @@ async def list_files(
     page: Annotated[PageParams, Depends(page_params(10_000, 10_000))],
     purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
 ) -> ListPage[FileObject]:
-    query = select(File).where(File.project == project)
+    query = records(File).where(File.project == project)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     return await reading(request, lambda db: list_page(db, query, File, page, FileObject.of))
@@ -150,7 +154,13 @@ async def list_files(
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 async def retrieve_file(request: Request, project: ProjectDep, file_id: str) -> FileObject:
-    return await reading(request, lambda db: FileObject.of(_owned_file(db, project, file_id)))
+    def read(db: Connection) -> FileObject:
+        row = owned_record(db, File, file_id, "file", project)
+        if row is None:
+            raise not_found("file", file_id)
+        return FileObject.of(row)
+
+    return await reading(request, read)
 
 
 @router.get(

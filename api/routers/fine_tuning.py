@@ -7,8 +7,7 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, delete, update
 
 from afina.api.deps import (
     DbDep,
@@ -16,8 +15,10 @@ from afina.api.deps import (
     QueueDep,
     SettingsDep,
     StorageDep,
+    owned_record,
     owned_row,
     reading,
+    records,
 )
 from afina.api.errors import KEYED, APIError, error_responses, not_found, shown_id
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
@@ -52,6 +53,9 @@ router = APIRouter(
 logger = logging.getLogger(__name__)
 
 PageDep = Annotated[PageParams, Depends(page_params(20, 100))]
+METRIC_SERIES = (
+    records(JobMetric).where(JobMetric.job_id == bindparam("job")).order_by(JobMetric.step)
+)
 MAX_MODEL_NAME = Job.fine_tuned_model.type.length
 
 
@@ -148,15 +152,19 @@ def create_job(
     return JobObject.of(job)
 
 
-def _owned_job(db: Session, project: str, job_id: str) -> Job:
-    row = owned_row(db, Job, job_id, "ftjob", project)
+def _owned_job(db: Connection, project: str, job_id: str) -> Any:
+    """The caller's job as a record (`records`), for the read routes."""
+    row = owned_record(db, Job, job_id, "ftjob", project)
     if row is None:
         raise not_found("fine-tuning job", job_id)
     return row
 
 
 def _owned_job_dependency(db: DbDep, project: ProjectDep, job_id: str) -> Job:
-    return _owned_job(db, project, job_id)
+    row = owned_row(db, Job, job_id, "ftjob", project)
+    if row is None:
+        raise not_found("fine-tuning job", job_id)
+    return row
 
 
 OwnedJob = Annotated[Job, Depends(_owned_job_dependency)]
@@ -167,7 +175,7 @@ OwnedJob = Annotated[Job, Depends(_owned_job_dependency)]
 
 @router.get("", response_model=ListPage[JobObject], responses=error_responses(400))
 async def list_jobs(request: Request, project: ProjectDep, page: PageDep) -> ListPage[JobObject]:
-    query = select(Job).where(Job.project == project)
+    query = records(Job).where(Job.project == project)
     return await reading(request, lambda db: list_page(db, query, Job, page, JobObject.of))
 
 
@@ -202,10 +210,10 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
 
 
 def _job_page(
-    db: Session, project: str, job_id: str, entity: Any, page: PageParams, to_object: Any
+    db: Connection, project: str, job_id: str, entity: Any, page: PageParams, to_object: Any
 ) -> ListPage[Any]:
     job = _owned_job(db, project, job_id)
-    return list_page(db, select(entity).where(entity.job_id == job.id), entity, page, to_object)
+    return list_page(db, records(entity).where(entity.job_id == job.id), entity, page, to_object)
 
 
 @router.get(
@@ -239,9 +247,9 @@ async def list_checkpoints(
 async def job_metrics(request: Request, project: ProjectDep, job_id: str) -> MetricSeries:
     """The whole training curve, one point per logging step, in step order."""
 
-    def series(db: Session) -> MetricSeries:
+    def series(db: Connection) -> MetricSeries:
         job = _owned_job(db, project, job_id)
-        query = select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step)
-        return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in db.scalars(query)])
+        points = db.execute(METRIC_SERIES, {"job": job.id})
+        return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in points])
 
     return await reading(request, series)

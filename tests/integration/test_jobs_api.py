@@ -353,7 +353,7 @@ def test_a_config_json_that_is_not_a_file_is_refused(client, body, model_dir):
     (model_dir / "config.json").unlink()
     os.mkfifo(model_dir / "config.json")  # reading it would block the request forever
     error = assert_error(create(client, body), 400, "model")
-    assert "config.json is missing" in error["message"]
+    assert "is not a model directory" in error["message"]
 
 
 def test_a_symlink_out_of_the_allow_list_is_refused(make_settings, model_dir, tmp_path):
