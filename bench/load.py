@@ -279,7 +279,7 @@ def start_training(client: httpx.Client, workdir: Path) -> str:
     uploaded = client.post(
         "/v1/files",
         data={"purpose": "fine-tune"},
-        files={"file": ("train.jsonl", chat_lines(400, 60), "application/jsonl")},
+        files={"file": ("train.jsonl", chat_lines(400, 12), "application/jsonl")},
     )
     uploaded.raise_for_status()
     body = {
@@ -342,9 +342,20 @@ def main() -> None:
                 run_phases(during, port, path, server.pid, args, base, upload)
 
 
+def steps_done(base: str, job_path: str) -> int:
+    answer = httpx.get(f"{base}{job_path}", headers={"Authorization": f"Bearer {KEY}"})
+    return answer.json()["progress"]["steps_done"]
+
+
 def run_phases(during, port, path, pid, args, base, upload) -> None:
     idle = asyncio.run(open_loop(port, path, 20, 2))
     normal = percentile(idle.latencies, 0.5)
+    training_rate = None
+    if during == "training":  # how fast the worker trains with no load, to compare
+        first, began = steps_done(base, path), time.perf_counter()
+        time.sleep(args.seconds)
+        training_rate = (steps_done(base, path) - first) / (time.perf_counter() - began)
+        print(f"training: the worker does {training_rate:.2f} steps/s with no load")
     context = Uploads(base, upload) if during == "uploading" else _nothing()
     with context as uploads:
         for count in args.burst:
@@ -358,9 +369,16 @@ def run_phases(during, port, path, pid, args, base, upload) -> None:
                 None,
             )
         for rate in args.rate:
+            steps = steps_done(base, path) if training_rate else 0
             cpu, began = cpu_seconds(pid), time.perf_counter()
             results = asyncio.run(open_loop(port, path, rate, args.seconds))
             wall, used = time.perf_counter() - began, cpu_seconds(pid) - cpu
+            if training_rate:
+                loaded = (steps_done(base, path) - steps) / wall
+                print(
+                    f"training: {loaded:.2f} steps/s under {rate:.0f} req/s "
+                    f"({loaded / training_rate:.0%} of its speed with no load)"
+                )
             recovery = asyncio.run(seconds_to_normal(port, path, normal))
             label = f"{during}: {rate:.0f} req/s {args.seconds:.0f} s"
             report(label, results, wall, used, recovery)
