@@ -45,13 +45,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic takes typing's only from Python 3.12
 
-from afina.core.fields import field_path
+from afina.core.fields import SHOWN_CHARS, field_path, shown
 
 MAX_REPORTED_ERRORS = 20
 CHARS_PER_TOKEN = 4
 BLOCK_BYTES = 1024 * 1024
-# How much of a value from the file an error quotes.
-SHOWN_CHARS = 80
 # A character that is neither whitespace nor a control character: text without one is empty.
 # The same pattern for Python's `re` and for pydantic-core's Rust regex (the fast checker).
 VISIBLE = r"[^\s\x00-\x1f\x7f-\x9f]"
@@ -86,11 +84,6 @@ def _not_blank(value: str) -> str:
             )
         raise PydanticCustomError("empty", "must not be empty")
     return value
-
-
-def shown(value: str) -> str:
-    """A value from the file, quoted for an error: at most `SHOWN_CHARS` of its characters."""
-    return repr(value if len(value) <= SHOWN_CHARS else value[:SHOWN_CHARS] + "...")
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
@@ -238,14 +231,34 @@ class DatasetReport:
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(LineError(line, message))
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON values (`from_dict` reads it back)."""
+        return {
+            "format": self.format,
+            "num_examples": self.num_examples,
+            "characters": self.characters,
+            "errors": [[error.line, error.message] for error in self.errors],
+            "num_bad_lines": self.num_bad_lines,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DatasetReport":
+        return cls(
+            format=DatasetFormat(values["format"]) if values["format"] else None,
+            num_examples=values["num_examples"],
+            characters=values["characters"],
+            errors=[LineError(line, message) for line, message in values["errors"]],
+            num_bad_lines=values["num_bad_lines"],
+        )
+
     def summary(self) -> str:
-        shown = "; ".join(str(error) for error in self.errors)
+        listed = "; ".join(str(error) for error in self.errors)
         if not self.num_bad_lines:
-            return shown
+            return listed
         hidden = self.num_bad_lines - len(self.errors)
         more = f"; and {hidden} more" if hidden > 0 else ""
         plural = "s" if self.num_bad_lines > 1 else ""
-        return f"{self.num_bad_lines} bad line{plural}: {shown}{more}"
+        return f"{self.num_bad_lines} bad line{plural}: {listed}{more}"
 
 
 class _InvalidLine(Exception):
@@ -290,8 +303,8 @@ def _finite(text: str) -> float:
     # Python reads 1e999999 as infinity, which no JSON number is either.
     value = float(text)
     if math.isinf(value):
-        shown = text if len(text) <= 24 else text[:24] + "..."
-        raise ValueError(f"the number {shown} is out of range")
+        cut = text if len(text) <= 24 else text[:24] + "..."
+        raise ValueError(f"the number {cut} is out of range")
     return value
 
 
