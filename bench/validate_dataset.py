@@ -2,7 +2,7 @@
 an end-to-end upload through a live `afina serve` while another process polls it.
 
     .venv/bin/python bench/validate_dataset.py [--megabytes 200] [--shape long|short]
-    .venv/bin/python bench/validate_dataset.py --serve --megabytes 200 [--poll-ms 20]
+    .venv/bin/python bench/validate_dataset.py --serve --megabytes 200 [--poll-ms 20] [--repeat 3]
 
 Without `--serve` it prints MB/s, examples/s and the peak Python heap while validating in
 this process: the validator reads line by line, so the peak should not grow with the file.
@@ -10,9 +10,11 @@ this process: the validator reads line by line, so the peak should not grow with
 With `--serve` it starts `afina serve` (train_job.afina_serve: embedded default, a temp
 data dir, loopback only), uploads one small file, then polls `GET /v1/files/{id}` every
 `--poll-ms` from a process of its own, first for a few seconds alone, then while this
-process uploads the generated file with `POST /v1/files`. It prints the upload's wall time
-and MB/s (request sent to FileObject received) and the polling latency p50/p99/max, idle and
-during the upload.
+process uploads the generated file with `POST /v1/files` (`--repeat` times, a pause
+before each). It prints each upload's wall time and MB/s (request sent to FileObject
+received), the CPU time `afina serve` and its child processes spent meanwhile, and the
+polling latency p50/p99/max, idle (in the pause) and during the upload. The machine's other
+load shows in the idle figures: compare runs made close together.
 
 `--shape long` is 820-byte chats (64k lines per 50 MB); `--shape short` is 100-byte chats
 (a million lines is 100 MB), where the cost per line dominates.
@@ -21,6 +23,7 @@ during the upload.
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -97,11 +100,21 @@ def describe(label: str, latencies: list[float]) -> None:
     )
 
 
-def serve_and_upload(path: Path, lines: int, poll_ms: float) -> None:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of a process, and of its children it has waited for (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / tick
+    return own, (int(fields[13]) + int(fields[14])) / tick
+
+
+def serve_and_upload(path: Path, lines: int, poll_ms: float, repeat: int) -> None:
     from train_job import afina_serve  # a sibling script: started as bench/validate_dataset.py
 
     size = path.stat().st_size
-    with tempfile.TemporaryDirectory() as tmp, afina_serve(Path(tmp)) as (base, _server):
+    print(f"file            {size / 1e6:.1f} MB, {lines} chat examples")
+    rates, idle, during = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, afina_serve(Path(tmp)) as (base, server):
         client = httpx.Client(base_url=base, timeout=600)
         small = client.post(
             "/v1/files",
@@ -116,29 +129,46 @@ def serve_and_upload(path: Path, lines: int, poll_ms: float) -> None:
         )
         poller.start()
         ours.recv()
-        time.sleep(IDLE_SECONDS)
-        with path.open("rb") as stream:
-            started = time.perf_counter()
-            response = client.post(
-                "/v1/files",
-                data={"purpose": "fine-tune"},
-                files={"file": ("train.jsonl", stream, "application/jsonl")},
-            )
-            ended = time.perf_counter()
+        runs = []
+        for _ in range(repeat):
+            time.sleep(IDLE_SECONDS)
+            with path.open("rb") as stream:
+                cpu_before = cpu_seconds(server.pid)
+                started = time.perf_counter()
+                response = client.post(
+                    "/v1/files",
+                    data={"purpose": "fine-tune"},
+                    files={"file": ("train.jsonl", stream, "application/jsonl")},
+                )
+                ended = time.perf_counter()
+                cpu_after = cpu_seconds(server.pid)
+            body = response.json()
+            if response.status_code != 200 or body["validation"]["num_examples"] != lines:
+                raise SystemExit(f"unexpected answer {response.status_code}: {response.text[:500]}")
+            client.delete(f"/v1/files/{body['id']}").raise_for_status()
+            runs.append((started, ended, cpu_before, cpu_after))
         time.sleep(0.5)
         ours.send("stop")
         samples = ours.recv()
         poller.join()
         client.close()
-    elapsed = ended - started
-    body = response.json()
-    if response.status_code != 200 or body["validation"]["num_examples"] != lines:
-        raise SystemExit(f"unexpected answer {response.status_code}: {response.text[:500]}")
-    print(f"file            {size / 1e6:.1f} MB, {lines} chat examples")
-    print(f"upload          {elapsed:.2f} s, {size / 1e6 / elapsed:.1f} MB/s end to end")
-    idle_end = started - 0.1
-    describe("polling idle", [lat for at, lat in samples if at < idle_end])
-    describe("polling in upload", [lat for at, lat in samples if started <= at < ended])
+    previous_end = 0.0
+    for number, (started, ended, cpu_before, cpu_after) in enumerate(runs, start=1):
+        elapsed = ended - started
+        rates.append(size / 1e6 / elapsed)
+        api, children = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+        print(f"--- upload {number}")
+        print(f"upload          {elapsed:.2f} s, {rates[-1]:.1f} MB/s end to end")
+        print(f"server CPU      {api:.2f} s in afina serve, {children:.2f} s in its children")
+        idle.append([lat for at, lat in samples if previous_end + 0.5 <= at < started - 0.1])
+        during.append([lat for at, lat in samples if started <= at < ended])
+        describe("polling idle", idle[-1])
+        describe("polling in upload", during[-1])
+        previous_end = ended
+    if repeat > 1:
+        print(f"--- all {repeat}: median {statistics.median(rates):.1f} MB/s end to end")
+        describe("polling idle", [lat for run in idle for lat in run])
+        describe("polling in upload", [lat for run in during for lat in run])
 
 
 def validate_here(path: Path, lines: int) -> None:
@@ -168,12 +198,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=["long", "short"], default="long")
     parser.add_argument("--serve", action="store_true", help="upload through `afina serve`")
     parser.add_argument("--poll-ms", type=float, default=20, help="polling period (--serve)")
+    parser.add_argument("--repeat", type=int, default=1, help="uploads in a row (--serve)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.jsonl"
         lines = write_dataset(path, args.megabytes, args.shape)
         if args.serve:
-            serve_and_upload(path, lines, args.poll_ms)
+            serve_and_upload(path, lines, args.poll_ms, args.repeat)
         else:
             validate_here(path, lines)
 
