@@ -54,8 +54,10 @@ pytestmark = pytest.mark.usefixtures("no_generation")
 
 @pytest.fixture(autouse=True)
 def spool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Where uploads spill to disk while a request reads them (Starlette spools a file over
-    1 MiB to a temporary file): a directory of the test's own, to see that nothing stays."""
+    """The system's temporary directory, where a request's files could spill to disk (an
+    upload is staged beside the stored files on local storage, here in the temporary
+    directory only for an object store): a directory of the test's own, to see that nothing
+    stays."""
     directory = tmp_path / "spool"
     directory.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(directory))
