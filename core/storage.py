@@ -6,8 +6,11 @@ sent is metadata and never reaches a path. Writes go to a temporary name first a
 renamed into place, so a reader never sees half a file.
 """
 
+import os
 import posixpath
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -77,6 +80,30 @@ class ArtifactStorage:
         except BaseException:
             self._remove(temporary)
             raise
+
+    def staging_path(self, folder: str) -> Path:
+        """A new local path to write an object to before `publish` puts it under `folder`:
+        in `folder` itself on local storage (publishing is a rename), else in the system's
+        temporary directory. The caller removes it if it does not publish it."""
+        name = f"upload{TEMPORARY_MARK}{secrets.token_hex(8)}"
+        if not isinstance(self.fs, LocalFileSystem):
+            return Path(tempfile.gettempdir()) / name
+        directory = Path(self.path(folder))
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / name
+
+    def publish(self, staged: Path, key: str) -> None:
+        """Put the whole file at `staged` (from `staging_path`) under `key`, and remove it."""
+        if isinstance(self.fs, LocalFileSystem):
+            final = Path(self.path(key))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            return
+        try:
+            with staged.open("rb") as source, self.atomic_write(key) as out:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+        finally:
+            staged.unlink(missing_ok=True)
 
     def put_directory(self, local: Path, key: str, *, names: Iterable[str] | None = None) -> None:
         """Copy a local directory (or just `names` in it) to `key`, replacing what was there;

@@ -1,9 +1,8 @@
 """`/v1/files`: upload, list, retrieve, download and delete datasets, as in OpenAI's API."""
 
 import logging
-import shutil
 from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
@@ -23,7 +22,8 @@ from afina.api.deps import (
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
-from afina.core.datasets import validate_dataset
+from afina.api.uploads import StagedUpload, UploadRoute
+from afina.core.fields import shown
 from afina.core.ids import new_id
 from afina.core.storage import file_key
 from afina.models import UNFINISHED, File, Job
@@ -47,14 +47,6 @@ def _display_name(name: str | None) -> str:
     return base if base.strip(".") else "upload.jsonl"
 
 
-def _size(stream: BinaryIO) -> int:
-    stream.seek(0, 2)
-    size = stream.tell()
-    stream.seek(0)
-    return size
-
-
-@router.post("", response_model=FileObject, responses=error_responses(400, 413))
 def create_file(
     file: UploadFile,
     # Checked below, so that a wrong purpose gets its own code.
@@ -78,26 +70,29 @@ def create_file(
     if purpose != PURPOSE:
         raise APIError(
             400,
-            f"Unsupported purpose {purpose!r}: afina stores fine-tuning datasets, "
+            f"Unsupported purpose {shown(purpose)}: afina stores fine-tuning datasets, "
             f"purpose must be {PURPOSE!r}",
             param="purpose",
             code="invalid_purpose",
         )
+    # The route's form is read by `UploadRoute`: the file is already on its way through
+    # validation (api/uploads.py).
+    assert isinstance(file, StagedUpload)
     filename = _display_name(file.filename)
-    size = _size(file.file)
+    size = file.size or 0
     if size > settings.max_upload_bytes:
         raise APIError(
             413,
-            f"File {filename!r} is {size} bytes, over the upload limit of "
+            f"File {shown(filename)} is {size} bytes, over the upload limit of "
             f"{settings.max_upload_bytes} bytes (AFINA_MAX_UPLOAD_BYTES)",
             param="file",
             code="file_too_large",
         )
-    report = validate_dataset(file.file, max_line_bytes=settings.max_line_bytes)
+    report = file.report()
     if not report.ok:
         raise APIError(
             400,
-            f"Invalid file {filename!r}: {report.summary()}",
+            f"Invalid file {shown(filename)}: {report.summary()}",
             param="file",
             code="invalid_file_format",
             errors=[{"line": e.line, "message": e.message} for e in report.errors],
@@ -114,9 +109,7 @@ def create_file(
         estimated_tokens=report.estimated_tokens,
     )
     key = file_key(row.id)
-    file.file.seek(0)
-    with storage.atomic_write(key) as out:
-        shutil.copyfileobj(file.file, out, CHUNK_BYTES)
+    file.publish(key)
     try:
         db.add(row)
         db.commit()
@@ -127,6 +120,16 @@ def create_file(
         "stored %s (%s, %d examples) for project %s", row.id, row.format, row.num_examples, project
     )
     return FileObject.of(row)
+
+
+router.add_api_route(
+    "",
+    create_file,
+    methods=["POST"],
+    response_model=FileObject,
+    responses=error_responses(400, 413),
+    route_class_override=UploadRoute,
+)
 
 
 def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:

@@ -2,12 +2,14 @@
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from afina.api import uploads
 from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
 from afina.models import File
@@ -358,3 +360,116 @@ def test_expires_after_is_refused_not_ignored(client, settings):
     response = upload(client, CHAT, **{"expires_after[anchor]": "created_at"})
     assert_error(response, 400, "expires_after", "unsupported_parameter")
     assert rows(settings, File) == []
+
+
+# --- Large uploads: written to disk and checked by a process of their own as they arrive ---
+
+
+@pytest.fixture
+def checks(monkeypatch) -> list[uploads.DatasetCheck]:
+    """Every dataset check process the test starts."""
+    made = []
+    start = uploads.DatasetCheck.__init__
+
+    def record(check, *args, **kwargs):
+        start(check, *args, **kwargs)
+        made.append(check)
+
+    monkeypatch.setattr(uploads.DatasetCheck, "__init__", record)
+    return made
+
+
+def lines_of(count: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ).encode()
+        for i in range(count)
+    ]
+
+
+def large_invalid() -> bytes:
+    lines = lines_of(3000)
+    for number in (5, 1500, *range(2000, 2030), 2999):  # with 3 more below: 36 bad lines
+        lines[number - 1] = b"{broken"
+    lines[100] = b'{"text": "another format"}'
+    lines[200] = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}'
+    lines[300] = b'{"text": "' + b"x" * 300_000 + b'"}'  # over AFINA_MAX_LINE_BYTES below
+    return b"\n".join(lines) + b"\n"
+
+
+def masked(response) -> tuple[int, dict]:
+    body = response.json()
+    for name in ("id", "created_at"):
+        body.pop(name, None)
+    return response.status_code, body
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\n".join(lines_of(3000)) + b"\n", large_invalid()],
+    ids=["valid", "invalid"],
+)
+def test_a_large_upload_answers_as_one_checked_in_memory(
+    make_settings, monkeypatch, checks, content
+):
+    settings = make_settings(max_line_bytes=256 * 1024)
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        staged = upload(client, content)
+        assert len(checks) == 1, "the upload was not checked by a process of its own"
+        monkeypatch.setattr(uploads, "IN_MEMORY_BYTES", 1 << 30)
+        monkeypatch.setattr(uploads, "IN_MEMORY_LINES", 1 << 30)
+        in_memory = upload(client, content)
+        assert len(checks) == 1
+    assert masked(staged) == masked(in_memory)
+    assert [check.process.returncode for check in checks] == [0]
+    if staged.status_code == 200:
+        assert [path.read_bytes() for path in stored_files(settings)] == [content, content]
+    else:
+        error = staged.json()["error"]
+        assert error["message"].endswith("; and 16 more")
+        assert [e["line"] for e in error["errors"]][:4] == [5, 101, 201, 301]
+        assert stored_files(settings) == []
+        assert rows(settings, File) == []
+
+
+def test_a_file_part_sent_twice_keeps_the_last_and_leaves_nothing_of_the_first(
+    client, settings, checks
+):
+    large = b"\n".join(lines_of(3000)) + b"\n"
+    for first, second in [(large, CHAT), (CHAT, large)]:
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            + b'--b\r\nContent-Disposition: form-data; name="file"; filename="1.jsonl"\r\n\r\n'
+            + first
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="file"; filename="2.jsonl"\r\n\r\n'
+            + second
+            + b"\r\n--b--\r\n"
+        )
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        response = client.post("/v1/files", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert (response.json()["filename"], response.json()["bytes"]) == ("2.jsonl", len(second))
+    assert sorted(len(p.read_bytes()) for p in stored_files(settings)) == sorted(
+        [len(CHAT), len(large)]
+    )
+    assert all(check.process.returncode is not None for check in checks)
+
+
+def test_an_upload_that_finds_no_free_check_waits_for_one(client, monkeypatch, checks):
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(uploads, "_check_slots", slots)
+    slots.acquire()  # another upload holds the only one
+    releasing = threading.Timer(0.5, slots.release)
+    releasing.start()
+    response = upload(client, b"\n".join(lines_of(3000)) + b"\n")
+    releasing.join()
+    assert response.status_code == 200, response.text
+    assert response.json()["validation"]["num_examples"] == 3000
+    assert len(checks) == 1  # started once the file was whole
+    assert slots.acquire(blocking=False), "the check did not give its slot back"

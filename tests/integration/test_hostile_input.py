@@ -11,6 +11,9 @@ resolves, so that only validation stands between them and the engine), and limit
 body's content type must not be able to change.
 """
 
+import asyncio
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -20,11 +23,12 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
+from afina.api import uploads
 from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
-from afina.api.routers import files as files_router
 from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import TEMPORARY_MARK, adapter_key
@@ -42,6 +46,7 @@ CHAT = jsonl(
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 )
 MULTIPART = "multipart/form-data; boundary=b"
+NUL = "\u0000"
 
 
 pytestmark = pytest.mark.usefixtures("no_generation")
@@ -49,8 +54,10 @@ pytestmark = pytest.mark.usefixtures("no_generation")
 
 @pytest.fixture(autouse=True)
 def spool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Where uploads spill to disk while a request reads them (Starlette spools a file over
-    1 MiB to a temporary file): a directory of the test's own, to see that nothing stays."""
+    """The system's temporary directory, where a request's files could spill to disk (an
+    upload is staged beside the stored files on local storage, here in the temporary
+    directory only for an object store): a directory of the test's own, to see that nothing
+    stays."""
     directory = tmp_path / "spool"
     directory.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(directory))
@@ -201,24 +208,28 @@ def test_a_line_over_max_line_bytes_is_named_and_the_rest_still_checked(client, 
     assert_nothing_stored(settings, spool)
 
 
-def test_a_huge_single_line_spilled_to_disk_leaves_no_temporary_file(
+def test_a_huge_single_line_staged_on_disk_leaves_no_temporary_file(
     client, settings, spool, monkeypatch
 ):
     """3 MiB without a newline: over the line limit, under the upload limit, and big enough
-    for the upload to be spooled to a temporary file while the request reads it."""
+    for the upload to be written to a staging file, and checked by a process of its own,
+    while the request reads it."""
     content = b'{"text": "' + b"a" * (3 * 1024 * 1024) + b'"}'
-    spooled = []
-    validate = files_router.validate_dataset
+    staged, checks = [], []
+    report = uploads.DatasetCheck.report
 
-    def validate_and_look(stream, **limits):
-        spooled.extend(open_in(spool))  # while the request holds the upload
-        return validate(stream, **limits)
+    def look_then_report(check):
+        staged.extend(p for p in stored(settings) if TEMPORARY_MARK in p.name)
+        checks.append(check.process)
+        return report(check)
 
-    monkeypatch.setattr(files_router, "validate_dataset", validate_and_look)
+    monkeypatch.setattr(uploads.DatasetCheck, "report", look_then_report)
     error = upload_error(client, content)
-    assert spooled, "the upload was not spooled to disk: this test checks nothing"
+    assert staged, "the upload was not staged on disk: this test checks nothing"
     assert error["errors"] == [{"line": 1, "message": f"line is longer than {LINE_LIMIT} bytes"}]
     assert_nothing_stored(settings, spool)
+    assert open_in(Path(settings.storage_url or "")) == [], "a staging file was left open"
+    assert [process.poll() for process in checks] == [0], "the check process was left running"
 
 
 @pytest.mark.parametrize(
@@ -328,6 +339,148 @@ def test_an_upload_between_the_limit_and_the_envelope_allowance_leaves_nothing(
     error = assert_error(upload(client, content), 413, "file", "file_too_large")
     assert str(UPLOAD_LIMIT) in error["message"]
     assert_nothing_stored(settings, spool)
+
+
+def test_a_huge_purpose_is_not_echoed_whole(client, settings, spool):
+    purpose = "p" * 1_000_000  # under the 1 MiB a form field may have
+    error = assert_error(upload(client, CHAT, purpose=purpose), 400, "purpose", "invalid_purpose")
+    assert f"Unsupported purpose '{'p' * 80}...': " in error["message"]
+    assert len(error["message"]) < 300
+    assert_nothing_stored(settings, spool)
+
+
+EMPTIED = "must not be empty: it has only control characters and whitespace"
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "message"),
+    [
+        (
+            json.loads(CHAT),
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": NUL},
+                ]
+            },
+            f"messages[1].content: {EMPTIED}",
+        ),
+        (
+            {"prompt": "2+2=", "completion": "4"},
+            {"prompt": "2+2=", "completion": f"{NUL} \x1b"},
+            f"completion: {EMPTIED}",
+        ),
+        ({"text": "ok"}, {"text": "\u3000\u00a0"}, "text: must not be empty"),
+    ],
+    ids=["nul-assistant", "escape-completion", "unicode-spaces"],
+)
+def test_content_of_only_control_characters_is_refused_naming_the_line(
+    client, settings, spool, good, bad, message
+):
+    error = upload_error(client, jsonl(good, bad))
+    assert error["errors"] == [{"line": 2, "message": message}]
+    assert_nothing_stored(settings, spool)
+
+
+def test_a_storage_error_while_an_upload_is_written_reaches_the_handlers_as_it_is(
+    make_settings, spool, monkeypatch
+):
+    """The disk fills up while a large upload is written: the error is raised by the route as
+    the storage raised it (a handler for OSError answers), not turned into a 400, and the
+    upload leaves nothing."""
+    settings = make_settings(max_upload_bytes=UPLOAD_LIMIT, max_line_bytes=LINE_LIMIT)
+    stage = uploads.StagedUpload._stage
+    writes = []
+
+    class FillingUp:
+        def __init__(self, out):
+            self.out = out
+
+        def writelines(self, data):
+            writes.append(data)
+            if len(writes) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.out.writelines(data)
+
+        def __getattr__(self, name):
+            return getattr(self.out, name)
+
+    def stage_then_fill_up(upload):
+        stage(upload)
+        upload._out = FillingUp(upload._out)
+
+    monkeypatch.setattr(uploads.StagedUpload, "_stage", stage_then_fill_up)
+    app = create_app(settings)
+    seen = []
+
+    async def full_disk(_request, error: OSError):
+        seen.append(error)
+        return JSONResponse({"error": {"message": "full", "type": "server_error"}}, 507)
+
+    app.add_exception_handler(OSError, full_disk)
+    with TestClient(app, base_url=LOCAL) as client:
+        response = upload(client, CHAT * (3 * 1024 * 1024 // len(CHAT)))
+    assert response.status_code == 507, response.text
+    assert [error.errno for error in seen] == [errno.ENOSPC]
+    assert_nothing_stored(settings, spool)
+
+
+def chunked_upload(app, chunks: list[bytes], end: dict | None = None) -> list[dict]:
+    """POST a multipart upload straight to the ASGI app, a chunk at a time; `end` is what
+    `receive` gives after the last chunk (a disconnect, say). Returns what the app sent."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+    pending = [head, *chunks]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": True}
+        return end or {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"localhost"), (b"content-type", MULTIPART.encode())],
+    }
+    with contextlib.suppress(Exception):  # a disconnected client gets nothing it could read
+        asyncio.run(app(scope, receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("ending", ["disconnect", "over-the-limit"])
+def test_an_upload_cut_short_after_it_was_written_to_disk_leaves_nothing(
+    settings, spool, monkeypatch, ending
+):
+    checks = []
+    start = uploads.DatasetCheck.__init__
+
+    def record(check, *args, **kwargs):
+        start(check, *args, **kwargs)
+        checks.append(check)
+
+    monkeypatch.setattr(uploads.DatasetCheck, "__init__", record)
+    app = create_app(settings)
+    chunk = CHAT * (64 * 1024 // len(CHAT))
+    count = 30 if ending == "disconnect" else (UPLOAD_LIMIT + MULTIPART_OVERHEAD) // len(chunk) + 2
+    sent = chunked_upload(app, [chunk] * count)
+    if ending == "over-the-limit":
+        assert sent[0]["status"] == 413
+    assert checks, "the upload was not written to disk: this test checks nothing"
+    assert [check.process.poll() is not None for check in checks] == [True]
+    assert_nothing_stored(settings, spool)
+    assert open_in(Path(settings.storage_url or "")) == []
 
 
 # --- job bodies: every field, every wrong type ----------------------------------------------

@@ -2,9 +2,11 @@
 
 import io
 import json
+import unicodedata
 
 import pytest
 
+from afina.core import datasets
 from afina.core.datasets import MAX_REPORTED_ERRORS, DatasetFormat, validate_dataset
 
 MAX_LINE = 4096
@@ -260,3 +262,241 @@ def test_reports_the_first_errors_and_counts_the_rest():
     assert report.summary().startswith(f"{MAX_REPORTED_ERRORS + 5} bad lines: line 2: ")
     assert report.summary().endswith("; and 5 more")
     assert report.num_examples == 1
+
+
+# --- Content that is empty once whitespace and control characters are set aside ----------
+
+NUL = "\u0000"
+
+
+@pytest.mark.parametrize(
+    ("example", "field"),
+    [
+        (chat(USER, {"role": "assistant", "content": NUL}), "messages[1].content"),
+        (chat({"role": "user", "content": "\x1b\x07"}, ASSISTANT), "messages[0].content"),
+        ({"prompt": "2+2=", "completion": NUL * 3}, "completion"),
+        ({"prompt": f"{NUL} \t\x7f\u0085", "completion": "4"}, "prompt"),
+        ({"instruction": NUL, "output": "4"}, "instruction"),
+        ({"instruction": "Add.", "output": f"\r{NUL}\n"}, "output"),
+        ({"text": f"{NUL}\u00a0\u3000"}, "text"),
+    ],
+)
+def test_refuses_content_of_only_control_characters_naming_the_line(example, field):
+    good = jsonl(FIRST[datasets.detect_format(example)])  # so that the fast checker is on
+    assert only_error(good + jsonl(example)) == (
+        2,
+        f"{field}: must not be empty: it has only control characters and whitespace",
+    )
+
+
+@pytest.mark.parametrize("blank", [" ", "\u00a0\u2003\u3000", "\u2028\t\n"])
+def test_whitespace_only_content_keeps_its_message(blank):
+    assert only_error(jsonl({"text": blank})) == (1, "text: must not be empty")
+
+
+def test_text_with_something_visible_among_control_characters_is_kept():
+    report = check(jsonl({"text": f"{NUL}a{NUL}"}, {"text": "\u200b"}, {"text": "\x1b[31mred"}))
+    assert report.ok, report.errors
+
+
+def test_an_error_quotes_at_most_80_characters_of_a_value_from_the_file():
+    data = jsonl(
+        chat({"role": "r" * 100_000, "content": "hi"}, ASSISTANT),
+        chat(USER, {**ASSISTANT, "weight": "w" * 100_000}),
+    )
+    report = check(data, max_line_bytes=1_000_000)
+    assert [(e.line, e.message) for e in report.errors] == [
+        (
+            1,
+            f"messages[0].role: unknown role '{'r' * 80}...': expected one of system, user, "
+            "assistant",
+        ),
+        (2, f'messages[1].weight: must be 0 or 1, got "{"w" * 79}...'),
+    ]
+
+
+# --- The fast checker and the detailed one give the same verdicts ------------------------
+
+# One good line per format, the file's first line in the tests below.
+FIRST = {
+    DatasetFormat.CHAT: chat(USER, ASSISTANT),
+    DatasetFormat.PROMPT_COMPLETION: {"prompt": "2+2=", "completion": "4"},
+    DatasetFormat.INSTRUCTION: {"instruction": "Add.", "input": "2, 2", "output": "4"},
+    DatasetFormat.TEXT: {"text": "hello"},
+}
+
+
+def _lines(*examples: object) -> list[bytes]:
+    return [e if isinstance(e, bytes) else json.dumps(e).encode() for e in examples]
+
+
+# Lines each checker could judge alone: good ones of each format (with extra keys, escapes,
+# weights...), and bad ones of every kind the detailed checker words.
+GOOD = _lines(
+    *FIRST.values(),
+    chat({"role": "system", "content": "Be brief."}, USER, {**ASSISTANT, "weight": 1}),
+    chat(USER, {**ASSISTANT, "weight": 0}, USER, ASSISTANT),
+    {**chat({**USER, "name": "alice"}, ASSISTANT), "id": "x", "metadata": {"n": [1, 2.5, None]}},
+    {"prompt": "a", "completion": "b", "text": "also here", "n": -0.0},
+    {"instruction": "a", "output": "b"},
+    {"instruction": "a", "input": "", "output": "b", "text": "c"},
+    {"text": "caf\u00e9 \U0001f600 \u200b", "input": "ignored"},
+    b'{"text": "\\ud83d\\ude00 \\/ \\" \\\\ \\b\\f\\n\\r\\t \\u00e9"}',
+    b'  {"text": "spaces around", "n": 1e30, "m": -12345678901234567890}\t\r',
+    b'{"text": "dup", "text": "last wins"}',
+    b'{"text": "", "text": "last wins"}',
+    b'{"text": "a", "n": 1E+99, "z": 0.000000000000000000000000000001}',
+)
+# Good lines the fast checker may leave to the detailed one: numbers spelled like the ones
+# only pydantic-core's parser takes.
+UNUSUAL = _lines(
+    b'{"text": "a", "n": 1e308}',
+    b'{"text": "a", "n": ' + b"9" * 4300 + b"}",
+    {"text": "NaN and Infinity in a string", "e": "e-123"},
+)
+BAD = _lines(
+    b'{"text": "unterminated}',
+    b'{"text": "a",}',
+    b'{"text": NaN}',
+    b'{"text": "a", "n": NaN}',
+    b'{"text": "a", "n": [Infinity]}',
+    b'{"text": "a", "n": -Infinity}',
+    b'{"text": "a", "n": 1e999999}',
+    b'{"text": "a", "n": -1E400}',
+    b'{"text": "a", "n": 1' + b"0" * 400 + b".5}",
+    b'{"text": "a", "n": ' + b"9" * 4301 + b"}",
+    b'{"text": "a", "n": 01}',
+    b'{"text": "a", "n": +1}',
+    b'{"text": "a", "n": .5}',
+    b'{"text": "a", "n": 1.}',
+    b'{"text": "a", "n": 0x10}',
+    b"[1, 2]",
+    b'"just a string"',
+    b"42",
+    b"null",
+    b'{"text": "a"} {"text": "b"}',
+    b'{"text": "a"}\x0c',
+    b'{"text": "a"}\x00',
+    b"\xef\xbb\xbf" + b'{"text": "a BOM past line 1"}',
+    b'{"question": "hi", "answer": "yo"}',
+    b'{"text": "caf\xe9"}',
+    b'{"text": "\xed\xa0\x80"}',
+    b'{"text": "ok", "k": "\xc0\xaf"}',
+    b'{"text": "a\x00b"}',
+    b'{"te\x00xt": "a"}',
+    b'{"text": "half a pair \\ud800"}',
+    b'{"text": "ok", "k": "\\udfff"}',
+    b'{"te\\ud800xt": "a", "text": "b"}',
+    b'{"text": "a", "text": ""}',
+    b'{"text": "a", "d": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"text": "a", "d": ' + b"[" * 500 + b"]" * 500 + b"}",
+    *_lines(
+        {"text": 42},
+        {"text": None},
+        {"text": ["a"]},
+        {"text": "   \n "},
+        {"text": NUL},
+        {"text": "\u2028\u3000"},
+        {"prompt": "2+2="},
+        {"completion": "4"},
+        {"prompt": "", "completion": "4"},
+        {"prompt": "a", "completion": "b", "messages": []},
+        {"instruction": "Add.", "input": "2 and 2"},
+        {"instruction": "a", "input": None, "output": "b"},
+        {"instruction": "a", "input": 1, "output": "b"},
+        {"instruction": "a", "output": "b", "prompt": "c"},
+        {"instruction": "a", "output": "b", "completion": "c"},
+        {"text": "a", "output": "b"},
+        {"text": "a", "instruction": "b"},
+        {"text": "a", "messages": "b"},
+        {"messages": []},
+        {"messages": "hi"},
+        {"messages": [USER, "assistant: 4"]},
+        chat({"role": "user"}, ASSISTANT),
+        chat({"content": "hi"}, ASSISTANT),
+        chat({"role": "bot", "content": "hi"}, ASSISTANT),
+        chat({"role": "User", "content": "hi"}, ASSISTANT),
+        chat({"role": 1, "content": "hi"}, ASSISTANT),
+        chat(USER, {"role": "assistant", "content": {"text": "4"}}),
+        chat(USER, {"role": "assistant", "content": ""}),
+        chat(USER, {"role": "assistant", "content": NUL}),
+        chat({"role": "system", "content": "Be brief."}, USER),
+        chat(USER, {**ASSISTANT, "weight": 0}),
+        chat(USER, {**ASSISTANT, "weight": 0}, {**ASSISTANT, "weight": 0}),
+        chat({**USER, "weight": 1}, ASSISTANT),
+        chat({**USER, "weight": 0}, ASSISTANT),
+        *(chat(USER, {**ASSISTANT, "weight": w}) for w in (2, -1, 0.5, 1.0, 0.0, True, "1", None)),
+        {"messages": [USER, ASSISTANT], "prompt": "p", "completion": "c"},
+    ),
+)
+
+
+def detailed_only(monkeypatch: pytest.MonkeyPatch, data: bytes, max_line_bytes: int = MAX_LINE):
+    """The report of the detailed checker alone."""
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets._FastChecker, "verdict", lambda *_args: None)
+        return check(data, max_line_bytes)
+
+
+def as_tuple(report) -> tuple:
+    errors = [(e.line, e.message) for e in report.errors]
+    return report.format, report.num_examples, report.characters, errors, report.num_bad_lines
+
+
+@pytest.mark.parametrize("line", GOOD + UNUSUAL + BAD, ids=lambda line: repr(line[:50]))
+@pytest.mark.parametrize("dataset_format", list(DatasetFormat))
+def test_fast_and_detailed_checkers_agree_on_every_line(monkeypatch, dataset_format, line):
+    data = jsonl(FIRST[dataset_format]) + line + b"\n" + jsonl(FIRST[dataset_format])
+    assert as_tuple(check(data, 1_000_000)) == as_tuple(detailed_only(monkeypatch, data, 1_000_000))
+    verdict = datasets.fast_verdict(dataset_format, line)
+    if verdict is not None:  # it accepted: then so does the detailed checker, alike
+        report = detailed_only(monkeypatch, jsonl(FIRST[dataset_format]) + line + b"\n")
+        assert report.ok, report.errors
+        assert report.characters == check(jsonl(FIRST[dataset_format])).characters + verdict
+
+
+@pytest.mark.parametrize("dataset_format", list(DatasetFormat))
+def test_the_fast_checker_takes_the_good_lines_of_its_format(dataset_format):
+    ours = [line for line in GOOD if datasets.detect_format(json.loads(line)) == dataset_format]
+    assert ours
+    for line in ours:
+        assert datasets.fast_verdict(dataset_format, line) is not None, line
+
+
+def test_fast_and_detailed_checkers_agree_on_which_characters_are_blank():
+    """Every character Python counts as whitespace or control, alone and with a letter."""
+    blank = [
+        chr(c)
+        for c in range(0x110000)
+        if not 0xD800 <= c < 0xE000 and (chr(c).isspace() or unicodedata.category(chr(c)) == "Cc")
+    ]
+    assert len(blank) > 60
+    for character in blank:
+        for text, ok in ((character, False), (character + "a", True)):
+            line = json.dumps({"text": text}).encode()
+            assert (datasets.fast_verdict(DatasetFormat.TEXT, line) is not None) == ok, text
+            assert check(line + b"\n").ok == ok, text
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1000])
+def test_lines_are_the_same_whatever_the_block_size(monkeypatch, block_bytes):
+    data = (
+        "\ufeff".encode()
+        + jsonl({"text": "first"}, {"text": "x" * 150}, {"text": "y" * 80})
+        + b"\r\n  \n"
+        + jsonl({"text": "z" * 300}, [1], {"text": "ok"}, {"text": "w" * 101})
+        + b'{"text": "no newline at the end"}'
+    )
+    expected = as_tuple(check(data, max_line_bytes=100))
+    assert expected[3] == [
+        (2, "line is longer than 100 bytes"),
+        (6, "line is longer than 100 bytes"),
+        (7, "expected a JSON object, got an array"),
+        (9, "line is longer than 100 bytes"),
+    ]
+    monkeypatch.setattr(datasets, "BLOCK_BYTES", block_bytes)
+    assert as_tuple(check(data, max_line_bytes=100)) == expected
+    assert as_tuple(check(data + b"a" * 1000, max_line_bytes=100))[3][-1] == (
+        10,
+        "line is longer than 100 bytes",
+    )

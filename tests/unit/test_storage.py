@@ -1,6 +1,8 @@
-"""Artifact storage: what a listing shows of objects being written, and which kept trainer
-state a job resumes from."""
+"""Artifact storage: what a listing shows of objects being written, which kept trainer
+state a job resumes from, and how an upload staged on disk is published."""
 
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,31 @@ def test_a_half_written_state_alone_is_nothing_to_resume_from(storage):
     half_written(storage, 30)
     assert storage.names(resume_key(JOB)) == []
     assert latest_resume_step(storage, JOB) is None
+
+
+def test_a_staged_file_is_published_by_a_rename_on_local_storage(storage):
+    staged = storage.staging_path("files")
+    assert staged.parent == Path(storage.path("files"))
+    assert TEMPORARY_MARK in staged.name
+    staged.write_bytes(b"data")
+    inode = staged.stat().st_ino
+    assert storage.names("files") == []  # not whole yet
+
+    storage.publish(staged, "files/file-x.jsonl")
+    assert not staged.exists()
+    assert Path(storage.path("files/file-x.jsonl")).stat().st_ino == inode  # no copy
+    assert storage.names("files") == ["file-x.jsonl"]
+
+
+def test_a_staged_file_is_copied_to_an_object_store_then_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    storage = ArtifactStorage(f"memory://afina-{secrets.token_hex(4)}")
+    staged = storage.staging_path("files")
+    assert staged.parent == tmp_path  # a local file, not the store's
+    staged.write_bytes(b"data")
+
+    storage.publish(staged, "files/file-x.jsonl")
+    assert not staged.exists()
+    with storage.open("files/file-x.jsonl") as stored:
+        assert stored.read() == b"data"
+    assert storage.names("files") == ["file-x.jsonl"]
