@@ -1,5 +1,5 @@
 """FastAPI dependencies: settings, a database session per request, storage, the caller,
-the job queue."""
+the job queue, the space kept aside for a full disk."""
 
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from afina.api.auth import get_project
+from afina.core.disk import SpaceReserve
 from afina.core.ids import looks_like_id
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
@@ -25,6 +26,10 @@ def db_session(request: Request) -> Iterator[Session]:
 
 def artifact_storage(request: Request) -> ArtifactStorage:
     return request.app.state.storage
+
+
+def space_reserve(request: Request) -> SpaceReserve | None:
+    return request.app.state.space_reserve
 
 
 def job_queue(request: Request) -> Celery:
@@ -48,3 +53,4 @@ DbDep = Annotated[Session, Depends(db_session)]
 StorageDep = Annotated[ArtifactStorage, Depends(artifact_storage)]
 ProjectDep = Annotated[str, Depends(get_project)]
 QueueDep = Annotated[Celery, Depends(job_queue)]
+ReserveDep = Annotated[SpaceReserve | None, Depends(space_reserve)]

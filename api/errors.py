@@ -1,11 +1,15 @@
 """OpenAI's error envelope, `{"error": {message, type, param, code}}`, for every error.
 
 Handlers here turn afina's own errors, FastAPI's request validation and Starlette's HTTP
-errors into that body; anything unexpected becomes a 500 with no detail (it is logged).
+errors into that body; a full disk (ENOSPC, SQLite's "database or disk is full", ...) anywhere
+in a request becomes a 507 `insufficient_storage` (its transaction rolled back, what it began
+writing removed by the code that wrote it); anything else unexpected becomes a 500 with no
+detail (it is logged).
 The OpenAPI schema says the same: routers declare their error statuses with
 `error_responses`, and FastAPI's 422 (which afina never answers) is taken out of it.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -15,11 +19,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from afina.core.datasets import json_limit_reason
+from afina.core.disk import is_disk_full
 from afina.core.fields import field_path
+
+logger = logging.getLogger(__name__)
 
 _CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
@@ -56,10 +64,16 @@ _ERRORS = {
     429: "Too many generation requests are waiting",
     503: "A service this request needs is unavailable: the database, the job queue or the "
     "inference engine",
+    507: "The server's disk is full: nothing of the request was stored",
 }
 # What every route behind an API key can answer: refused keys, or a database that cannot
 # check them.
 KEYED = (401, 503)
+
+STORAGE_FULL_MESSAGE = (
+    "The server's disk is full: nothing of this request was stored. Free some space "
+    "(delete files, cancel jobs you no longer need, or ask the operator), then try again."
+)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -190,6 +204,15 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return response
 
 
+async def _storage_full(_request: Request, error: Exception) -> JSONResponse:
+    """An OSError or a database error: a 507 when it is a full disk, else what any other
+    unexpected error is (re-raised to the 500 handler)."""
+    if not is_disk_full(error):
+        raise error
+    logger.warning("a request met a full disk: %s", str(error).strip().splitlines()[0])
+    return error_response(507, STORAGE_FULL_MESSAGE, code="insufficient_storage")
+
+
 async def _unexpected_error(_request: Request, _error: Exception) -> JSONResponse:
     # Starlette re-raises the error after this response, and the server logs it there.
     return error_response(500, "The server had an error while processing your request.")
@@ -228,5 +251,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(OSError, _storage_full)
+    app.add_exception_handler(SQLAlchemyError, _storage_full)
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = _documented(app.openapi)  # type: ignore[method-assign]

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy import delete, or_, select
 
-from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep, owned_row
+from afina.api.deps import DbDep, ProjectDep, ReserveDep, SettingsDep, StorageDep, owned_row
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.core.datasets import validate_dataset
+from afina.core.disk import freeing_space
 from afina.core.ids import new_id
 from afina.core.storage import file_key
 from afina.models import UNFINISHED, File, Job
@@ -45,7 +46,7 @@ def _size(stream: BinaryIO) -> int:
     return size
 
 
-@router.post("", response_model=FileObject, responses=error_responses(400, 413))
+@router.post("", response_model=FileObject, responses=error_responses(400, 413, 507))
 def create_file(
     file: UploadFile,
     # Checked below, so that a wrong purpose gets its own code.
@@ -106,12 +107,15 @@ def create_file(
     )
     key = file_key(row.id)
     file.file.seek(0)
+    # A full disk in either step is a 507 (`api.errors`): the half-written content is removed
+    # by `atomic_write`, the content of a row that could not be stored here.
     with storage.atomic_write(key) as out:
         shutil.copyfileobj(file.file, out, CHUNK_BYTES)
     try:
         db.add(row)
         db.commit()
     except BaseException:
+        db.rollback()
         storage.delete(key)
         raise
     logger.info(
@@ -187,10 +191,11 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
-def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409, 507))
+def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep, reserve: ReserveDep) -> FileDeleted:
     """Refused (409) while a job that has not ended trains on the file. One statement
-    decides between concurrent deletes: the one that removed the row wins."""
+    decides between concurrent deletes: the one that removed the row wins. It works on a
+    full disk, and frees the file's bytes."""
     users = (
         select(Job.id)
         .where(
@@ -199,11 +204,17 @@ def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
         )
         .order_by(Job.created_at)
     )
-    removed = db.execute(
-        delete(File).where(File.id == row.id, File.project == row.project, ~users.exists())
-    )
-    db.commit()
-    if removed.rowcount == 0:
+
+    # Should the database not take it for a full disk, the space kept aside for that is
+    # released, and it is tried again.
+    def remove() -> int:
+        removed = db.execute(
+            delete(File).where(File.id == row.id, File.project == row.project, ~users.exists())
+        ).rowcount
+        db.commit()
+        return removed
+
+    if freeing_space(remove, reserve, db.rollback) == 0:
         job_id = db.scalars(users.where(File.id == row.id)).first()
         if job_id is not None:
             raise APIError(
