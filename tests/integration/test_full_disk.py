@@ -6,6 +6,8 @@ artifacts) on a small tmpfs of the test's own, filled to its last byte.
   writes (its write-ahead log has no room left), and free their bytes; without the space
   kept aside for that, the same delete is a 507 that changes nothing.
 - /readyz answers 503 naming storage when the disk is nearly full, and when it is full.
+- A worker polling the SQLite broker on a full disk takes no message, and loses none: it
+  takes it once there is room, with no reconnection that spends its connections.
 - A running job whose writes meet a full disk waits for space, then goes on; it fails with
   `disk_full` only when the disk stays full, and stops if it is cancelled meanwhile.
 """
@@ -30,7 +32,8 @@ from afina.core.storage import ArtifactStorage, file_key, resume_key
 from afina.models import File, Job, JobEvent, JobStatus
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine, make_session_factory
-from afina.worker import job_runner
+from afina.worker import broker, job_runner
+from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
 from afina.worker.job_records import JobRecorder
 from afina.worker.job_runner import WorkerContext, run_job
 from afina.worker.training.sft import TrainingOutcome
@@ -210,6 +213,25 @@ def test_readiness_is_503_naming_storage_when_the_disk_is_nearly_full_or_full(
     filler.unlink()
     nearly.unlink()
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_message_on_a_full_broker_is_taken_once_there_is_room(settings, disk, monkeypatch):
+    monkeypatch.setattr(broker, "FULL_DISK_POLL_SECONDS", 0)
+    queue = create_celery(settings)
+    queue.send_task(TRAIN_TASK, args=["ftjob-waiting"])
+    try:
+        with queue.connection_for_write() as connection:  # as a worker's consumer polls
+            channel = connection.default_channel
+            filler = fill_disk(disk)
+            for _ in range(20):  # more polls than the broker's connection pool holds
+                assert channel.basic_get(TRAIN_QUEUE) is None
+            filler.unlink()
+            message = channel.basic_get(TRAIN_QUEUE, no_ack=True)
+    finally:
+        queue.close()
+    assert message is not None
+    args, _kwargs, _embed = message.decode()
+    assert args == ["ftjob-waiting"]
 
 
 # --- a running job whose writes meet a full disk ----------------------------------------------
