@@ -192,6 +192,9 @@ def _unparsed_body(message: str, error: HTTPException) -> str:
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     message = str(error.detail)
+    if message in (_UNPARSED_JSON, _UNPARSED_FORM) and is_disk_full(error):
+        # The upload could not be spooled to a temporary file: its disk is full.
+        return await _storage_full(request, error)
     if error.status_code == 404 and message == "Not Found":
         message = f"Unknown request URL: {request.method} {request.url.path}"
     if error.status_code == 400 and message in (_UNPARSED_JSON, _UNPARSED_FORM):

@@ -14,6 +14,7 @@ artifacts) on a small tmpfs of the test's own, filled to its last byte.
 
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -133,6 +134,17 @@ def test_an_upload_whose_row_does_not_fit_is_507_and_leaves_no_content(client, s
     assert_error(response, 507, None, "insufficient_storage")
     assert rows(settings, File) == []
     assert stored_files(settings) == []
+
+
+def test_an_upload_that_cannot_be_spooled_is_507(client, settings, disk, monkeypatch):
+    """The form parser spools an upload over 1 MiB to a temporary file; its disk is full."""
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    fill_disk(disk)
+
+    response = upload(client, jsonl(*[{"text": "x" * 1000}] * 1500))
+
+    assert_error(response, 507, None, "insufficient_storage")
+    assert rows(settings, File) == []
 
 
 def test_deleting_and_cancelling_work_on_a_full_disk_and_free_space(client, settings, disk):
