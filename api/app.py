@@ -1,5 +1,6 @@
 """The FastAPI application factory."""
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,12 +14,15 @@ from afina.api.errors import install_error_handlers
 from afina.api.keys import KeyStore
 from afina.api.limits import ConcurrencyLimit, RequestLimits
 from afina.api.routers import files, fine_tuning, health, inference, models
+from afina.core.disk import sqlite_reserve
 from afina.core.settings import Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.celery_app import create_celery
 from afina.worker.inference.engine import InferenceEngine
 from afina.worker.reconciler import Reconciler
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,6 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        if app.state.space_reserve is not None:
+            try:
+                app.state.space_reserve.ensure()
+            except OSError:
+                logger.exception("could not keep space aside for a full disk")
         app.state.reconciler.start()
         yield
         # Threads of their own: stopping must not wait for the request threads' places.
@@ -55,8 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = ArtifactStorage(settings.storage_url)
     app.state.celery = create_celery(settings)
     app.state.inference = InferenceEngine(settings, app.state.storage)
+    # Made (when the disk has room) at start-up, then again by the reconciler's passes once
+    # a full disk has had it released.
+    app.state.space_reserve = sqlite_reserve(
+        settings.database_url or "", settings.disk_reserve_bytes
+    )
     app.state.reconciler = Reconciler(
-        settings, app.state.session_factory, app.state.storage, app.state.celery
+        settings,
+        app.state.session_factory,
+        app.state.storage,
+        app.state.celery,
+        space_reserve=app.state.space_reserve,
     )
     install_error_handlers(app)
     # The last added runs first: the limit on requests at once, the body's limits, then the

@@ -1,5 +1,5 @@
 """FastAPI dependencies: settings, a database session per request, storage, the caller,
-the job queue."""
+the job queue, the space kept aside for a full disk."""
 
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Select, bindparam, inspect, select
 from sqlalchemy.orm import Session
 
 from afina.api.auth import get_project
+from afina.core.disk import SpaceReserve
 from afina.core.ids import looks_like_id
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
@@ -29,6 +30,10 @@ def db_session(request: Request) -> Iterator[Session]:
 
 async def artifact_storage(request: Request) -> ArtifactStorage:
     return request.app.state.storage
+
+
+async def space_reserve(request: Request) -> SpaceReserve | None:
+    return request.app.state.space_reserve
 
 
 async def job_queue(request: Request) -> Celery:
@@ -86,3 +91,4 @@ DbDep = Annotated[Session, Depends(db_session, scope="function")]
 StorageDep = Annotated[ArtifactStorage, Depends(artifact_storage)]
 ProjectDep = Annotated[str, Depends(get_project)]
 QueueDep = Annotated[Celery, Depends(job_queue)]
+ReserveDep = Annotated[SpaceReserve | None, Depends(space_reserve)]

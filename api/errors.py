@@ -1,7 +1,10 @@
 """OpenAI's error envelope, `{"error": {message, type, param, code}}`, for every error.
 
 Handlers here turn afina's own errors, FastAPI's request validation and Starlette's HTTP
-errors into that body; anything unexpected becomes a 500 with no detail (it is logged).
+errors into that body; a full disk (ENOSPC, SQLite's "database or disk is full", ...) anywhere
+in a request becomes a 507 `insufficient_storage` (its transaction rolled back, what it began
+writing removed by the code that wrote it); anything else unexpected becomes a 500 with no
+detail (it is logged).
 The OpenAPI schema says the same: routers declare their error statuses with
 `error_responses`, and FastAPI's 422 (which afina never answers) is taken out of it.
 """
@@ -17,13 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from afina.core.datasets import json_limit_reason
+from afina.core.disk import is_disk_full
 from afina.core.fields import field_path
 
 logger = logging.getLogger(__name__)
+
 _CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
 
@@ -61,10 +67,16 @@ _ERRORS = {
     503: "A service this request needs is unavailable (the database, the job queue or the "
     "inference engine), or the API is at its limit of requests at once "
     "(AFINA_MAX_CONCURRENT_REQUESTS); `Retry-After` says when to try again",
+    507: "The server's disk is full: nothing of the request was stored",
 }
 # What every route behind an API key can answer: refused keys, or a database that cannot
 # check them.
 KEYED = (401, 503)
+
+STORAGE_FULL_MESSAGE = (
+    "The server's disk is full: nothing of this request was stored. Free some space "
+    "(delete files, cancel jobs you no longer need, or ask the operator), then try again."
+)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -137,16 +149,6 @@ def overloaded(message: str, code: str) -> JSONResponse:
     return response
 
 
-async def _database_unavailable(_request: Request, error: Exception) -> JSONResponse:
-    # A pool that had no connection for POOL_TIMEOUT_SECONDS, a lock held too long, a
-    # server that went away: the request may well succeed in a moment.
-    logger.warning("database unavailable: %s", error)
-    return overloaded(
-        "The database is busy or unreachable right now; nothing was changed. Try again.",
-        "database_unavailable",
-    )
-
-
 def _field(location: tuple[int | str, ...]) -> str:
     # FastAPI prefixes where the value came from: body, query, path, header, cookie. An
     # error about the whole body names no field.
@@ -207,6 +209,9 @@ def _unparsed_body(message: str, error: HTTPException) -> str:
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     message = str(error.detail)
+    if message in (_UNPARSED_JSON, _UNPARSED_FORM) and is_disk_full(error):
+        # The upload could not be spooled to a temporary file: its disk is full.
+        return await _storage_full(request, error)
     if error.status_code == 404 and message == "Not Found":
         message = f"Unknown request URL: {request.method} {request.url.path}"
     if error.status_code == 400 and message in (_UNPARSED_JSON, _UNPARSED_FORM):
@@ -217,6 +222,27 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     if error.status_code == 405:
         response.headers["Allow"] = _allowed_methods(request)
     return response
+
+
+async def _storage_full(_request: Request, error: Exception) -> JSONResponse:
+    logger.warning("a request met a full disk: %s", str(error).strip().splitlines()[0])
+    return error_response(507, STORAGE_FULL_MESSAGE, code="insufficient_storage")
+
+
+async def _service_error(request: Request, error: Exception) -> JSONResponse:
+    """An OSError or a database error: a 507 when it is a full disk; a 503 to try again
+    when the database is busy or unreachable (a pool with no connection for
+    POOL_TIMEOUT_SECONDS, a lock held too long, a server that went away); else what any
+    other unexpected error is (re-raised to the 500 handler)."""
+    if is_disk_full(error):
+        return await _storage_full(request, error)
+    if isinstance(error, sqlalchemy.exc.TimeoutError | sqlalchemy.exc.OperationalError):
+        logger.warning("database unavailable: %s", error)
+        return overloaded(
+            "The database is busy or unreachable right now; nothing was changed. Try again.",
+            "database_unavailable",
+        )
+    raise error
 
 
 async def _unexpected_error(_request: Request, _error: Exception) -> JSONResponse:
@@ -257,7 +283,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)
-    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)
+    app.add_exception_handler(OSError, _service_error)
+    app.add_exception_handler(SQLAlchemyError, _service_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = _documented(app.openapi)  # type: ignore[method-assign]

@@ -136,6 +136,25 @@ class Settings(BaseSettings):
         le=100,
         description="How many runs of a job may end with a lost worker before it fails.",
     )
+    min_free_bytes: int = Field(
+        default=1024 * MiB,
+        ge=0,
+        description="Free space under which a disk the service writes to counts as nearly "
+        "full: /readyz answers 503, and a job waiting for space waits until this much is free.",
+    )
+    disk_reserve_bytes: int = Field(
+        default=16 * MiB,
+        ge=0,
+        description="Space kept aside beside a SQLite database, released when the disk is "
+        "full so that deleting files and cancelling jobs still work; 0: none.",
+    )
+    disk_full_wait_seconds: float = Field(
+        default=600,
+        ge=0,
+        le=86_400,
+        description="How long a running job whose writes meet a full disk waits for space "
+        "before it fails with `disk_full`.",
+    )
 
     @field_validator("allowed_models", "api_keys", mode="before")
     @classmethod

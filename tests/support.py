@@ -1,10 +1,12 @@
 """Helpers the tests share: uploads, error-body checks, reading rows back, running
-`afina serve` as a process."""
+`afina serve` as a process, a small disk of its own to fill."""
 
+import errno
 import json
 import os
 import secrets
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 import uvicorn
 from fastapi.testclient import TestClient
@@ -180,3 +183,61 @@ def broker_url_for(database_url: str, data_dir: Path) -> str:
     connection.flushdb()  # a database of its own, emptied: no message of an earlier run
     connection.close()
     return url
+
+
+@contextmanager
+def small_disk(directory: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "32m") mounted at `directory`, unmounted at the end: a disk of
+    the test's own, to fill. The test is skipped where it cannot be mounted (not root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("the full-disk tests mount a small tmpfs, which needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {directory}: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(directory)], check=True)
+
+
+def free_space(directory: Path) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the disk under `directory` to its last byte with a file of its own, returned (the
+    test frees the space by deleting it)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (b"\0" * 1024 * 1024, b"\0" * 4096, b"\0"):
+            with pytest.raises(OSError, match="No space left") as full:  # noqa: PT012
+                while True:
+                    os.write(fd, chunk)
+            assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert free_space(directory) == 0
+    return filler
+
+
+def exhaust_sqlite(database_url: str) -> None:
+    """On a full disk, use up the room SQLite still has for writes (its write-ahead log is
+    reused from the start after a checkpoint), until it says "database or disk is full"."""
+    database = make_url(database_url).database
+    connection = sqlite3.connect(str(database), isolation_level=None, timeout=30)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as full:  # noqa: PT012
+            connection.execute("CREATE TABLE IF NOT EXISTS test_filler (payload BLOB)")
+            while True:
+                connection.execute("INSERT INTO test_filler VALUES (zeroblob(3000))")
+        assert full.value.sqlite_errorcode == sqlite3.SQLITE_FULL
+    finally:
+        connection.close()

@@ -16,6 +16,7 @@ from celery import Celery
 from sqlalchemy.engine import make_url
 
 from afina.core.settings import Settings, get_settings
+from afina.worker.broker import embedded_broker_url
 
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "afina.train_job"
@@ -31,7 +32,9 @@ def _ensure_sqlite_directory(broker_url: str) -> None:
 def create_celery(settings: Settings) -> Celery:
     assert settings.broker_url is not None
     _ensure_sqlite_directory(settings.broker_url)
-    app = Celery("afina", broker=settings.broker_url, include=["afina.worker.tasks"])
+    # The SQLite broker through afina's channel, which gets over a full disk (worker.broker).
+    broker = embedded_broker_url(settings.broker_url)
+    app = Celery("afina", broker=broker, include=["afina.worker.tasks"])
     app.conf.update(
         task_default_queue=TRAIN_QUEUE,
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},

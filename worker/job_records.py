@@ -9,7 +9,9 @@ a lost database connection) or cancelled writes nothing more and stops at its ne
 
 A write that fails because the database is briefly away (restarting, a dropped connection,
 SQLite's lock held too long) is tried again, with backoff, for up to `RETRY_SECONDS`: a
-running job does not fail for it; only a longer outage fails the run.
+running job does not fail for it; only a longer outage fails the run. One that fails because
+the database's disk is full is tried again for as long as the run waits for space
+(`AFINA_DISK_FULL_WAIT_SECONDS`), if that is longer.
 """
 
 import functools
@@ -27,13 +29,14 @@ from sqlalchemy import ColumnElement, and_, delete, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
+    RetryCallState,
     Retrying,
     before_sleep_log,
     retry_if_exception,
-    stop_after_delay,
     wait_exponential,
 )
 
+from afina.core.disk import is_disk_full
 from afina.core.ids import new_id
 from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
@@ -53,6 +56,8 @@ WORKER_ID_VARIABLE = "AFINA_WORKER_ID"
 RETRY_SECONDS = 180.0
 RETRY_FIRST_WAIT_SECONDS = 0.5
 RETRY_LONGEST_WAIT_SECONDS = 15.0
+# How long a run waits for space on a full disk, unless told otherwise.
+DISK_FULL_WAIT_SECONDS = 600.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,14 +70,30 @@ def _transient(error: BaseException) -> bool:
     )
 
 
+def _stop_after(disk_full_wait: float) -> Callable[[RetryCallState], bool]:
+    """Stop trying after `RETRY_SECONDS`, or, while the database's disk is full, after as long
+    as the run waits for space, if that is longer."""
+
+    def given_up(state: RetryCallState) -> bool:
+        limit = RETRY_SECONDS
+        error = state.outcome.exception() if state.outcome is not None else None
+        if error is not None and is_disk_full(error):
+            limit = max(limit, disk_full_wait)
+        return (state.seconds_since_start or 0.0) >= limit
+
+    return given_up
+
+
 def retried(write: Callable[P, R]) -> Callable[P, R]:
-    """Try `write` again while it fails for a transient database error, then re-raise."""
+    """Try `write` again while it fails for a transient database error, then re-raise. A full
+    disk is waited for as long as the first argument's `disk_full_wait` says, if it has one."""
 
     @functools.wraps(write)
     def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
+        disk_full_wait = getattr(args[0], "disk_full_wait", 0.0) if args else 0.0
         for attempt in Retrying(
             retry=retry_if_exception(_transient),
-            stop=stop_after_delay(RETRY_SECONDS),
+            stop=_stop_after(disk_full_wait),
             wait=wait_exponential(
                 multiplier=RETRY_FIRST_WAIT_SECONDS,
                 min=RETRY_FIRST_WAIT_SECONDS,
@@ -118,11 +139,14 @@ class JobRecorder:
         storage: ArtifactStorage,
         job_id: str,
         run_id: str,
+        disk_full_wait: float = DISK_FULL_WAIT_SECONDS,
     ) -> None:
         self.session_factory = session_factory
         self.storage = storage
         self.job_id = job_id
         self.run_id = run_id
+        self.disk_full_wait = disk_full_wait  # how long `retried` writes wait for space
+        self.steps_done = 0  # the last step the run reported
 
     @retried
     def held(self) -> bool:
@@ -133,6 +157,12 @@ class JobRecorder:
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
     ) -> None:
+        self.event_once(message, level=level, data=data)
+
+    def event_once(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ) -> None:
+        """Write an event with one try (raising if it fails)."""
         with self.session_factory.begin() as session:
             if hold(session, self.job_id, self.run_id):
                 session.add(new_event(self.job_id, message, level=level, data=data))
@@ -151,6 +181,7 @@ class JobRecorder:
     ) -> bool:
         """Record progress; False once the run must stop. The one UPDATE per step both writes
         the progress and finds out whether the job is still this run's (not cancelled)."""
+        self.steps_done = steps_done
         with self.session_factory.begin() as session:
             running = session.execute(
                 update(Job)
@@ -231,8 +262,11 @@ class Heartbeat:
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
-            except Exception:
-                logger.exception("heartbeat of %s failed; trying again", self.job_id)
+            except Exception as error:
+                if is_disk_full(error):  # one line a beat, not a traceback
+                    logger.warning("heartbeat of %s failed: the disk is full", self.job_id)
+                else:
+                    logger.exception("heartbeat of %s failed; trying again", self.job_id)
 
     def __enter__(self) -> "Heartbeat":
         self.thread.start()

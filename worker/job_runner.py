@@ -5,11 +5,19 @@ Every state change is a conditional UPDATE, so the database settles races: a job
 while it trains stays cancelled, a message delivered twice starts a job only once, and a run
 whose job was taken back (its worker was thought lost, see `worker.reconciler`) changes
 nothing. Any failure inside the run ends the job `failed` with an error a user can act on.
+
+A run that meets a full disk (a checkpoint or the adapter that cannot be written) does not
+fail for it at once: it frees its scratch space, waits for the disk to have
+`AFINA_MIN_FREE_BYTES` free again, for up to `AFINA_DISK_FULL_WAIT_SECONDS`, and goes on
+from its last checkpoint (the database's own writes wait in place, see `job_records`). Only a
+disk that stays full fails the job, with `disk_full`.
 """
 
+import gc
 import logging
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from afina.core.disk import MiB, is_disk_full, local_directories, nearly_full
 from afina.core.job_config import JobConfig
 from afina.core.settings import Settings
 from afina.core.storage import (
@@ -38,6 +47,7 @@ from afina.worker.job_records import (
     JobRecorder,
     held_by,
     hold,
+    retried,
     shutdown_requested,
     this_worker,
 )
@@ -46,12 +56,37 @@ from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
 
 logger = logging.getLogger(__name__)
 
+# Free space under which an error that names no cause (torch.save says "file write failed")
+# is taken for a full disk.
+FULL_DISK_BYTES = 8 * MiB
+# How often a run waiting for space looks at the disks, and at its job (cancelled?).
+SPACE_POLL_SECONDS = 1.0
+HELD_POLL_SECONDS = 5.0
+# How many times a run may go back to its last checkpoint for a full disk without saving a
+# newer one: a disk that looks free again but still refuses the run's writes fails the job.
+MAX_DISK_FULL_RESTARTS = 3
+
 
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
     session_factory: sessionmaker[Session]
     storage: ArtifactStorage
+
+    @property
+    def disk_full_wait(self) -> float:
+        """How long a write meeting a full disk is tried again (`job_records.retried`)."""
+        return self.settings.disk_full_wait_seconds
+
+    def directories(self) -> list[Path]:
+        """The local directories a run writes to, one per disk."""
+        settings = self.settings
+        return local_directories(
+            settings.data_dir,
+            settings.database_url or "",
+            settings.broker_url or "",
+            settings.storage_url or "",
+        )
 
 
 def _job_workdir(context: WorkerContext, job_id: str) -> Path:
@@ -64,6 +99,7 @@ def _workdir(context: WorkerContext, job: Job) -> Path:
     return _job_workdir(context, job.id) / (job.run_id or "")
 
 
+@retried
 def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
     """Move the job to new values, with an event, if this run still holds it."""
     level = "error" if values.get("status") == JobStatus.FAILED else "info"
@@ -222,6 +258,97 @@ def _succeed(context: WorkerContext, job: Job, outcome: TrainingOutcome, staged:
         )
 
 
+def _out_of_space(context: WorkerContext, error: BaseException) -> bool:
+    """Whether the run failed for a full disk: it says so, or it failed while one of the run's
+    disks has next to nothing left."""
+    if is_disk_full(error):
+        return True
+    if isinstance(error, TrainingFailure | torch.OutOfMemoryError | SQLAlchemyError):
+        return False
+    try:
+        return nearly_full(context.directories(), FULL_DISK_BYTES) is not None
+    except OSError:
+        return False
+
+
+def _wait_for_space(context: WorkerContext, job: Job, recorder: JobRecorder) -> str:
+    """Wait for every disk of the run to have `min_free_bytes` free: "space" once they have,
+    "stopped" once the run must stop (cancelled, taken back, the worker stopping), "timeout"
+    after `disk_full_wait_seconds`."""
+    settings = context.settings
+    directories = context.directories()
+    step = recorder.steps_done
+    message = (
+        f"The disk is full at step {step}: training waits for "
+        f"{settings.min_free_bytes / MiB:.0f} MiB to be free (for up to "
+        f"{settings.disk_full_wait_seconds:.0f} s), then goes on from its last checkpoint"
+    )
+    logger.warning("job %s: %s", job.id, message)
+    try:  # the database may be on that disk: one try, the wait does not hang on it
+        recorder.event_once(message, level="warn", data={"step": step})
+    except Exception as error:
+        logger.warning("could not record that job %s waits for space (%r)", job.id, error)
+    deadline = time.monotonic() + settings.disk_full_wait_seconds
+    next_held_check = time.monotonic() + HELD_POLL_SECONDS
+    while True:
+        if shutdown_requested.is_set():
+            return "stopped"
+        if time.monotonic() >= next_held_check:
+            next_held_check = time.monotonic() + HELD_POLL_SECONDS
+            try:
+                with context.session_factory.begin() as session:
+                    if not hold(session, job.id, job.run_id or ""):
+                        return "stopped"
+            except SQLAlchemyError:
+                pass  # the database's disk is full too: the job is still this run's
+        if nearly_full(directories, settings.min_free_bytes) is None:
+            return "space"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        shutdown_requested.wait(SPACE_POLL_SECONDS)
+
+
+def _disk_stayed_full(context: WorkerContext) -> TrainingFailure:
+    settings = context.settings
+    where = ", ".join(str(directory) for directory in context.directories())
+    return TrainingFailure(
+        "disk_full",
+        f"the disk stayed full for {settings.disk_full_wait_seconds:.0f} s "
+        f"(AFINA_DISK_FULL_WAIT_SECONDS), with less than {settings.min_free_bytes / MiB:.0f} "
+        f"MiB free (AFINA_MIN_FREE_BYTES) under {where}: free some space, then train again "
+        "from the job's last checkpoint",
+    )
+
+
+def _run(context: WorkerContext, job: Job, recorder: JobRecorder) -> bool:
+    """Train and record how the run ended; True when the job went back to the queue. A run
+    that meets a full disk waits for space, then goes on from its last checkpoint."""
+    restarts, checkpoint = 0, latest_resume_step(context.storage, job.id)
+    while True:
+        try:
+            return _finish(context, job, recorder, _train(context, job, recorder))
+        except Exception as error:
+            # The database's writes have waited for space already (`retried`).
+            if isinstance(error, SQLAlchemyError) or not _out_of_space(context, error):
+                raise
+            logger.warning("job %s: a write met a full disk: %s", job.id, error)
+        # Out of the `except`: the error, and the trainer its traceback holds, are let go.
+        shutil.rmtree(_workdir(context, job), ignore_errors=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        newest = latest_resume_step(context.storage, job.id)
+        restarts = 1 if newest != checkpoint else restarts + 1
+        checkpoint = newest
+        if restarts > MAX_DISK_FULL_RESTARTS:
+            raise _disk_stayed_full(context)
+        waited = _wait_for_space(context, job, recorder)
+        if waited == "stopped":
+            return _stopped(context, job, recorder.steps_done)
+        if waited == "timeout":
+            raise _disk_stayed_full(context)
+
+
 def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
     _transition(
         context,
@@ -254,12 +381,21 @@ def _as_failure(error: BaseException) -> TrainingFailure:
             "on training.gradient_checkpointing",
             "method.supervised.hyperparameters.batch_size",
         )
+    if is_disk_full(error):
+        return TrainingFailure(
+            "disk_full",
+            f"the disk stayed full (AFINA_DISK_FULL_WAIT_SECONDS): {_first_line(error)}; free "
+            "some space, then train again from the job's last checkpoint",
+        )
     if isinstance(error, SQLAlchemyError):  # its text holds SQL: for the log, not the user
         return TrainingFailure("internal_error", "the worker could not update the database")
-    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return TrainingFailure(
-        "training_error", f"training stopped with {type(error).__name__}: {first_line}"
+        "training_error", f"training stopped with {type(error).__name__}: {_first_line(error)}"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
 
 
 def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) -> bool:
@@ -270,12 +406,14 @@ def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) 
         logger.info("job %s is not queued (cancelled, or already taken): skipped", job_id)
         return False
     run_id = job.run_id or ""
-    recorder = JobRecorder(context.session_factory, context.storage, job.id, run_id)
+    recorder = JobRecorder(
+        context.session_factory, context.storage, job.id, run_id, context.disk_full_wait
+    )
     requeued = False
     try:
         with Heartbeat(context.session_factory, job.id, run_id, context.settings.heartbeat_seconds):
             try:
-                requeued = _finish(context, job, recorder, _train(context, job, recorder))
+                requeued = _run(context, job, recorder)
             except Exception as error:
                 logger.exception("job %s failed", job.id)
                 _fail(context, job, _as_failure(error))

@@ -9,14 +9,20 @@ change it makes is a conditional UPDATE) and every few seconds:
   (its visibility timeout) and for ever on the embedded broker, which never redelivers.
   `afina serve`, which sees its own worker child die, runs a pass naming it at once.
 - sends the message of a `queued` job that has none: the process that stored the job died
-  before it could queue it.
+  before it could queue it;
+- sends another message for a `queued` job whose message was lost: sent long ago, and the
+  broker's training queue is empty (a worker took it, then died before it could claim the
+  job or hand the message back; the embedded broker never delivers a message twice);
+- keeps the space reserve of a SQLite database (`core.disk`) in place once its disk has room.
 
 A heartbeat is only as old as the database lets it be: while the database takes no writes
 (locked, restarting), no worker can stamp one. So jobs are taken back for their heartbeat
 only once the database has been taking writes for a whole timeout (`healthy_since`): each
 pass first times a write that changes nothing, and a slow one, or a pass that failed, starts
 that wait again. A worker known to have ended (`dead_worker`) is a certain loss: its jobs
-are taken back at once all the same.
+are taken back at once all the same. A SQLite database whose disk is (nearly) full counts as
+one that takes no writes, since heartbeats may be failing there while this pass's probe,
+which changes nothing, goes through.
 """
 
 import logging
@@ -29,17 +35,24 @@ from celery import Celery
 from sqlalchemy import ColumnElement, Row, false, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, latest_resume_step, resume_key
 from afina.models import Job, JobStatus, new_event
 from afina.models.base import utcnow
-from afina.worker.enqueue import enqueue
+from afina.worker.celery_app import TRAIN_QUEUE
+from afina.worker.enqueue import enqueue, enqueue_again
 
 logger = logging.getLogger(__name__)
 
 # A new job's message is sent by the API right after the job is stored: only one still
 # unsent after this long has lost its sender.
 UNSENT_GRACE_SECONDS = 10.0
+# A queued job whose message went this long ago, while the training queue holds none, has
+# lost it: workers take a message only to claim its job at once.
+LOST_MESSAGE_SECONDS = 60.0
+# Free space on a SQLite database's disk under which its writes (heartbeats) may fail.
+FULL_DISK_BYTES = 8 * MiB
 
 
 class _TooSlow(Exception):
@@ -53,8 +66,12 @@ class Reconciler:
         session_factory: sessionmaker[Session],
         storage: ArtifactStorage,
         queue: Celery,
+        *,
+        space_reserve: SpaceReserve | None = None,
     ) -> None:
         self.session_factory = session_factory
+        self.space_reserve = space_reserve
+        self.database_directory = sqlite_directory(settings.database_url or "")
         self.storage = storage
         self.queue = queue
         self.timeout = timedelta(seconds=settings.worker_timeout_seconds)
@@ -80,6 +97,11 @@ class Reconciler:
                 self.reconcile()
             except Exception:
                 logger.exception("reconciling jobs failed; trying again")
+            try:
+                if self.space_reserve is not None:
+                    self.space_reserve.ensure()
+            except OSError:
+                logger.exception("could not check the space reserve")
             if self._stopped.wait(self.interval):
                 return
 
@@ -106,6 +128,14 @@ class Reconciler:
         if time.monotonic() - started > self.interval:
             logger.warning("the database was slow to take a write: heartbeats may be late")
             self._unhealthy()
+        if self.database_directory is not None:
+            free = free_bytes(self.database_directory)
+            if free < FULL_DISK_BYTES:
+                logger.warning(
+                    "the database's disk is full (%.1f MiB free): heartbeats may be failing",
+                    free / MiB,
+                )
+                self._unhealthy()
 
     def _heartbeats_trusted(self) -> bool:
         return time.monotonic() - self.healthy_since >= self.timeout.total_seconds()
@@ -131,6 +161,12 @@ class Reconciler:
                     Job.updated_at < now - timedelta(seconds=UNSENT_GRACE_SECONDS),
                 )
             ).all()
+            sent_before = now - timedelta(seconds=LOST_MESSAGE_SECONDS)
+            long_sent = session.scalars(
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED, Job.enqueued_at < sent_before)
+                .order_by(Job.created_at)
+            ).all()
         # Once a message cannot be sent (the broker is down), the others of this pass are
         # not tried: their jobs keep an empty `enqueued_at`, and a later pass sends them.
         broker_up = True
@@ -149,6 +185,10 @@ class Reconciler:
             if broker_up:
                 logger.warning("job %s was queued without a message: sending it", job_id)
                 broker_up = self._send(job_id)
+        if long_sent and broker_up and self._queue_is_empty():
+            for job_id in long_sent:
+                if broker_up:
+                    broker_up = self._send_again(job_id, sent_before)
 
     def _take_back(
         self,
@@ -227,6 +267,32 @@ class Reconciler:
                 data = {"lost_workers": values["lost_workers"], "step": job.steps_done}
                 session.add(new_event(job.id, event, level=level, data=data))
         return bool(changed)
+
+    def _queue_is_empty(self) -> bool:
+        """Whether the training queue holds no message waiting for a worker (False when the
+        broker cannot say). Declaring the queue counts them; the workers declare it too."""
+        try:
+            with self.queue.connection_for_read() as connection:
+                declared = connection.default_channel.queue_declare(queue=TRAIN_QUEUE)
+                return declared.message_count == 0
+        except Exception as error:
+            logger.warning("could not count the training queue's messages (%r)", error)
+            return False
+
+    def _send_again(self, job_id: str, sent_before: datetime) -> bool:
+        try:
+            with self.session_factory() as session:
+                if enqueue_again(self.queue, session, job_id, sent_before):
+                    logger.warning(
+                        "job %s has been queued for over %.0f s and the queue holds no message: "
+                        "its message was lost, sending another",
+                        job_id,
+                        LOST_MESSAGE_SECONDS,
+                    )
+        except Exception as error:
+            logger.warning("could not queue job %s again (%r); trying later", job_id, error)
+            return False
+        return True
 
     def _send(self, job_id: str) -> bool:
         try:

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, delete, or_, select
 from afina.api.deps import (
     DbDep,
     ProjectDep,
+    ReserveDep,
     SettingsDep,
     StorageDep,
     owned_record,
@@ -23,6 +24,7 @@ from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
 from afina.api.uploads import StagedUpload, UploadRoute
+from afina.core.disk import freeing_space
 from afina.core.fields import shown
 from afina.core.ids import new_id
 from afina.core.storage import file_key
@@ -114,6 +116,7 @@ def create_file(
         db.add(row)
         db.commit()
     except BaseException:
+        db.rollback()
         storage.delete(key)
         raise
     logger.info(
@@ -127,7 +130,7 @@ router.add_api_route(
     create_file,
     methods=["POST"],
     response_model=FileObject,
-    responses=error_responses(400, 413),
+    responses=error_responses(400, 413, 507),
     route_class_override=UploadRoute,
 )
 
@@ -205,10 +208,11 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
-def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409, 507))
+def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep, reserve: ReserveDep) -> FileDeleted:
     """Refused (409) while a job that has not ended trains on the file. One statement
-    decides between concurrent deletes: the one that removed the row wins."""
+    decides between concurrent deletes: the one that removed the row wins. It works on a
+    full disk, and frees the file's bytes."""
     users = (
         select(Job.id)
         .where(
@@ -217,11 +221,17 @@ def delete_file(row: OwnedFile, db: DbDep, storage: StorageDep) -> FileDeleted:
         )
         .order_by(Job.created_at)
     )
-    removed = db.execute(
-        delete(File).where(File.id == row.id, File.project == row.project, ~users.exists())
-    )
-    db.commit()
-    if removed.rowcount == 0:
+
+    # Should the database not take it for a full disk, the space kept aside for that is
+    # released, and it is tried again.
+    def remove() -> int:
+        removed = db.execute(
+            delete(File).where(File.id == row.id, File.project == row.project, ~users.exists())
+        ).rowcount
+        db.commit()
+        return removed
+
+    if freeing_space(remove, reserve, db.rollback) == 0:
         job_id = db.scalars(users.where(File.id == row.id)).first()
         if job_id is not None:
             raise APIError(

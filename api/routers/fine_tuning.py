@@ -13,6 +13,7 @@ from afina.api.deps import (
     DbDep,
     ProjectDep,
     QueueDep,
+    ReserveDep,
     SettingsDep,
     StorageDep,
     owned_record,
@@ -20,7 +21,14 @@ from afina.api.deps import (
     reading,
     records,
 )
-from afina.api.errors import KEYED, APIError, error_responses, not_found, shown_id
+from afina.api.errors import (
+    KEYED,
+    STORAGE_FULL_MESSAGE,
+    APIError,
+    error_responses,
+    not_found,
+    shown_id,
+)
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.jobs import (
     CheckpointObject,
@@ -31,6 +39,7 @@ from afina.api.schemas.jobs import (
     MetricSeries,
 )
 from afina.core import base_models
+from afina.core.disk import freeing_space, is_disk_full
 from afina.core.ids import new_id
 from afina.core.job_config import resolve_config
 from afina.core.storage import resume_key
@@ -90,9 +99,14 @@ def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
     return row
 
 
-@router.post("", response_model=JobObject, responses=error_responses(400, 413))
+@router.post("", response_model=JobObject, responses=error_responses(400, 413, 507))
 def create_job(
-    body: JobCreate, db: DbDep, project: ProjectDep, settings: SettingsDep, queue: QueueDep
+    body: JobCreate,
+    db: DbDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    reserve: ReserveDep,
 ) -> JobObject:
     model, model_limit = _model_limit(body.model, settings.allowed_models)
     training = _dataset(db, project, body.training_file, "training_file")
@@ -141,8 +155,15 @@ def create_job(
         enqueue(queue, db, job.id)
     except Exception as error:
         logger.error("could not queue job %s: %s", job.id, error)
-        db.execute(delete(Job).where(Job.id == job.id))
-        db.commit()
+        db.rollback()
+
+        def forget() -> None:
+            db.execute(delete(Job).where(Job.id == job.id))
+            db.commit()
+
+        freeing_space(forget, reserve, db.rollback)
+        if is_disk_full(error):  # the embedded broker, on the data dir's disk
+            raise APIError(507, STORAGE_FULL_MESSAGE, code="insufficient_storage") from None
         raise APIError(
             503,
             "The job queue (AFINA_BROKER_URL) is not reachable; nothing was stored. Try again.",
@@ -184,17 +205,24 @@ async def retrieve_job(request: Request, project: ProjectDep, job_id: str) -> Jo
     return await reading(request, lambda db: JobObject.of(_owned_job(db, project, job_id)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
-def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep) -> JobObject:
-    # One conditional UPDATE decides against the worker finishing the job at the same time.
-    cancelled = db.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_(UNFINISHED))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), estimated_finish=None)
-    ).rowcount
-    if cancelled:
-        db.add(new_event(job.id, "Job cancelled"))
-    db.commit()
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409, 507))
+def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep, reserve: ReserveDep) -> JobObject:
+    # It works on a full disk, and frees the state kept to resume the job: should the
+    # database not take the change, the space kept aside for that is released, and it is
+    # tried again.
+    def cancel() -> int:
+        # One conditional UPDATE decides against the worker finishing the job at once.
+        cancelled = db.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(UNFINISHED))
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow(), estimated_finish=None)
+        ).rowcount
+        if cancelled:
+            db.add(new_event(job.id, "Job cancelled"))
+        db.commit()
+        return cancelled
+
+    cancelled = freeing_space(cancel, reserve, db.rollback)
     if cancelled:  # a job waiting to resume keeps nothing of its runs
         storage.delete(resume_key(job.id))
     db.refresh(job)

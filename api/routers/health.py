@@ -1,4 +1,5 @@
-"""`/healthz`: the process answers. `/readyz`: what it depends on answers too."""
+"""`/healthz`: the process answers. `/readyz`: what it depends on answers too, and the disks
+it writes to have room (`AFINA_MIN_FREE_BYTES`)."""
 
 from typing import Any, Literal
 
@@ -6,6 +7,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
+
+from afina.core.disk import MiB, is_disk_full, local_directories, nearly_full
+from afina.core.settings import Settings
+from afina.core.storage import ArtifactStorage
 
 router = APIRouter(tags=["health"])
 
@@ -19,6 +24,32 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
+def _storage(storage: ArtifactStorage, settings: Settings) -> str:
+    """Whether artifact storage takes a new object, and every local disk the service writes
+    to (data dir, SQLite files, local storage) has `min_free_bytes` left: a few system calls."""
+    try:
+        storage.check_writable()
+    except Exception as error:
+        reason = "the disk is full" if is_disk_full(error) else type(error).__name__
+        return f"not writable: {reason}"
+    directories = local_directories(
+        settings.data_dir,
+        settings.database_url or "",
+        settings.broker_url or "",
+        settings.storage_url or "",
+    )
+    try:
+        full = nearly_full(directories, settings.min_free_bytes)
+    except OSError as error:
+        return f"not readable: {type(error).__name__}"
+    if full is not None:
+        return (
+            f"nearly full: {full}, under AFINA_MIN_FREE_BYTES "
+            f"({settings.min_free_bytes / MiB:.0f} MiB)"
+        )
+    return "ok"
+
+
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Health:  # on the event loop: no thread, no lock, answers under load
     return Health(status="ok")
@@ -27,7 +58,12 @@ async def healthz() -> Health:  # on the event loop: no thread, no lock, answers
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "A dependency is not reachable"}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "A dependency is not reachable, or a disk is (nearly) full",
+        }
+    },
 )
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
@@ -44,11 +80,7 @@ def readyz(request: Request) -> JSONResponse:
         checks["broker"] = "ok"
     except Exception as error:
         checks["broker"] = f"unreachable: {type(error).__name__}"
-    try:
-        state.storage.check_writable()
-        checks["storage"] = "ok"
-    except Exception as error:
-        checks["storage"] = f"not writable: {type(error).__name__}"
+    checks["storage"] = _storage(state.storage, state.settings)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},

@@ -41,7 +41,7 @@ from afina.worker import job_records, job_runner
 from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
 from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
 from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stopped, run_job
-from afina.worker.reconciler import UNSENT_GRACE_SECONDS, Reconciler
+from afina.worker.reconciler import LOST_MESSAGE_SECONDS, UNSENT_GRACE_SECONDS, Reconciler
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
 from tests.support import JOB_CONFIG, broker_url_for
@@ -349,6 +349,40 @@ def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(st
     for job in (unsent, just_stored, sent):
         assert stored(stack, job.id).status == JobStatus.QUEUED
         assert events(stack, job.id) == []
+
+
+def test_a_queued_job_whose_message_was_lost_gets_another(stack: Stack):
+    """Its message was taken by a worker that died before it could claim the job or hand the
+    message back, or handing it back failed (the broker's disk was full): the training queue
+    is empty, and the embedded broker never delivers a message twice."""
+    long_ago = utcnow() - timedelta(seconds=LOST_MESSAGE_SECONDS + 5)
+    lost = add_job(stack, JobStatus.QUEUED, enqueued_at=long_ago, updated_at=long_ago)
+    just_sent = utcnow() - timedelta(seconds=5)  # a worker may be about to claim it
+    recent = add_job(stack, JobStatus.QUEUED, enqueued_at=just_sent, updated_at=just_sent)
+
+    stack.reconciler().reconcile()
+
+    assert take_messages(stack) == [lost.id]
+    assert stored(stack, lost.id).enqueued_at > long_ago
+    assert stored(stack, recent.id).enqueued_at == just_sent
+    assert events(stack, lost.id) == []
+    stack.reconciler().reconcile()  # sent again just now: not once more
+    assert take_messages(stack) == []
+
+
+def test_queued_jobs_whose_messages_wait_in_the_queue_are_not_sent_again(stack: Stack):
+    """Jobs waiting for a free worker, for as long as it takes."""
+    long_ago = utcnow() - timedelta(hours=2)
+    waiting = [
+        add_job(stack, JobStatus.QUEUED, enqueued_at=long_ago, updated_at=long_ago)
+        for _ in range(2)
+    ]
+    stack.queue.send_task(TRAIN_TASK, args=[waiting[1].id])  # the first is with a worker
+
+    stack.reconciler().reconcile()
+
+    assert take_messages(stack) == [waiting[1].id]  # only the one that was there
+    assert [stored(stack, job.id).enqueued_at for job in waiting] == [long_ago] * 2
 
 
 @pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])

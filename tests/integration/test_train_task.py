@@ -1,20 +1,55 @@
-"""The Celery task that runs a job, when the database fails as the worker takes its message."""
+"""The Celery task that runs a job, when the database fails as the worker takes its message.
+
+The message stays with the worker, which tries the claim again: handed back to the broker,
+it would be lost should the broker not take it (on a full disk, the embedded broker cannot),
+and a message the worker could neither acknowledge nor hand back would keep it from taking
+any other."""
+
+from typing import Any
 
 import pytest
 from celery.exceptions import Reject
+from sqlalchemy.exc import OperationalError
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
 from afina.worker import tasks
+from afina.worker.job_records import shutdown_requested
 from afina.worker.job_runner import WorkerContext
 
 
-def test_a_message_taken_while_the_database_is_away_goes_back_to_the_queue(
+def test_a_job_that_cannot_be_claimed_is_tried_again_until_the_database_answers(
     make_settings, monkeypatch: pytest.MonkeyPatch
 ):
-    """Acknowledged, it would be dropped: the job would stay `queued`, its message sent, and
-    nothing would send another."""
+    settings: Settings = make_settings()
+    engine = make_engine(settings.database_url or "")
+    context = WorkerContext(
+        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url or "")
+    )
+    monkeypatch.setattr(tasks, "_context", lambda: context)
+    monkeypatch.setattr(tasks, "CLAIM_RETRY_DELAY_SECONDS", 0.01)
+    tries: list[str] = []
+    run_job = tasks.run_job
+
+    def fails_twice(context: WorkerContext, job_id: str, **kwargs: Any) -> bool:
+        tries.append(job_id)
+        if len(tries) <= 2:  # "database or disk is full", as SQLite says on a full disk
+            raise OperationalError("UPDATE jobs ...", {}, Exception("database or disk is full"))
+        return run_job(context, job_id, **kwargs)
+
+    monkeypatch.setattr(tasks, "run_job", fails_twice)
+    try:
+        tasks.train_job.run("ftjob-abc")  # no such job: skipped once claimed; no Reject
+    finally:
+        engine.dispose()
+
+    assert tries == ["ftjob-abc"] * 3
+
+
+def test_a_stopping_worker_hands_back_the_message_of_a_job_it_could_not_claim(
+    make_settings, monkeypatch: pytest.MonkeyPatch
+):
     settings: Settings = make_settings()
     # Nothing listens on port 1: every query fails as with the database restarting.
     engine = make_engine("postgresql+psycopg://afina:afina@127.0.0.1:1/afina?connect_timeout=2")
@@ -22,12 +57,18 @@ def test_a_message_taken_while_the_database_is_away_goes_back_to_the_queue(
         settings, make_session_factory(engine), ArtifactStorage(settings.storage_url or "")
     )
     monkeypatch.setattr(tasks, "_context", lambda: context)
-    monkeypatch.setattr(tasks, "CLAIM_RETRY_DELAY_SECONDS", 0)
+    run_job = tasks.run_job
 
+    def stop_after_the_first_try(*args: Any, **kwargs: Any) -> bool:
+        shutdown_requested.set()  # SIGTERM, while the claim waits on the database
+        return run_job(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "run_job", stop_after_the_first_try)
     try:
         with pytest.raises(Reject) as rejected:
             tasks.train_job.run("ftjob-abc")
     finally:
+        shutdown_requested.clear()
         engine.dispose()
 
     assert rejected.value.requeue is True
