@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from afina.core.job_config import LoraSettings, QuantizationSettings
@@ -50,3 +51,18 @@ def load_model(
         raise TrainingFailure(
             "invalid_lora_config", f"cannot add LoRA to {model!r}: {error}", "lora.target_modules"
         ) from error
+
+
+def keep_adapter_in_float32(model: Any) -> None:
+    """Put the trainable LoRA weights back in float32 after trl's SFTTrainer has cast them to
+    bfloat16 (it does so for every quantized model).
+
+    A resumed run loads its adapter with peft's `load_adapter`, which upcasts to float32: a run
+    trained in bfloat16 would then go on in float32 after a resume, and no longer repeat the
+    uninterrupted run. float32 weights are also what plain AdamW updates without losing small
+    steps, and what the CPU computes fastest (it has no fast bfloat16 matmul); on a GPU the
+    Trainer's bf16 autocast still runs the matmuls in bfloat16.
+    """
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()

@@ -19,7 +19,11 @@ from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.worker.model_loading import compute_dtype
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.model import load_model, load_training_tokenizer
+from afina.worker.training.model import (
+    keep_adapter_in_float32,
+    load_model,
+    load_training_tokenizer,
+)
 from afina.worker.training.progress import ProgressCallback, Reporter
 from afina.worker.training.records import RecordError, RecordStats, to_records
 
@@ -193,6 +197,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job, not to stdout
+    keep_adapter_in_float32(model)
     trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     state = trainer.state
     if callback.stopped_early:
