@@ -1,7 +1,8 @@
 """The trainer callback that reports a run as it goes: a metric point per logging step
 (loss, eval_loss, learning rate, grad norm, tokens/s), progress and ETA per step, events at
-milestones, each checkpoint, and a stop at the next step once the job is cancelled (or, with
-a checkpoint to resume from, once the worker shuts down)."""
+milestones (the last one with the run's throughput and peak memory), each checkpoint, and a
+stop at the next step once the job is cancelled (or, with a checkpoint to resume from, once
+the worker shuts down)."""
 
 import math
 import time
@@ -9,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from afina.worker.training.memory import peak_memory, reset_peak_memory
 
 
 class Reporter(Protocol):
@@ -42,16 +45,17 @@ class ProgressCallback(TrainerCallback):
         self.first_step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
-        self.tokens_at_last_log = 0
+        self.tokens_at_start = self.tokens_at_last_log = 0
         self.time_at_last_log = 0.0
         self.stopped_early = False
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        reset_peak_memory()
         self.started = self.time_at_last_log = time.monotonic()
         self.first_step = state.global_step
-        self.tokens_at_last_log = state.num_input_tokens_seen
+        self.tokens_at_start = self.tokens_at_last_log = state.num_input_tokens_seen
         self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, None)
         span = "" if args.max_steps > 0 else f" over {args.num_train_epochs:g} epoch(s)"
         begun = (
@@ -137,4 +141,24 @@ class ProgressCallback(TrainerCallback):
             step,
             f"{args.output_dir}/checkpoint-{step}",
             {"step": step, "train_loss": self.last_loss, "valid_loss": self.last_eval_loss},
+        )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        seconds = time.monotonic() - self.started
+        tokens = state.num_input_tokens_seen - self.tokens_at_start
+        tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+        memory, measure = peak_memory()
+        self.reporter.event(
+            f"Training done: {state.global_step - self.first_step} steps in {seconds:.1f} s, "
+            f"{tokens_per_second:.0f} tokens/s, peak memory {memory / 2**30:.2f} GiB",
+            data={
+                "steps": state.global_step - self.first_step,
+                "seconds": seconds,
+                "tokens": tokens,
+                "tokens_per_second": tokens_per_second,
+                "peak_memory_bytes": memory,
+                "peak_memory": measure,
+            },
         )
