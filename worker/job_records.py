@@ -35,6 +35,7 @@ from tenacity import (
 )
 
 from afina.core.ids import new_id
+from afina.core.job_config import JobConfig
 from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
 from afina.models.base import utcnow
@@ -136,6 +137,16 @@ class JobRecorder:
         with self.session_factory.begin() as session:
             if hold(session, self.job_id, self.run_id):
                 session.add(new_event(self.job_id, message, level=level, data=data))
+
+    @retried
+    def configured(self, config: JobConfig) -> None:
+        """Show on the job what its "auto" settings became on this worker."""
+        with self.session_factory.begin() as session:
+            session.execute(
+                update(Job)
+                .where(held_by(self.job_id, self.run_id))
+                .values(config=config.model_dump(mode="json"))
+            )
 
     @retried
     def metric(self, step: int, values: dict[str, float | None]) -> None:

@@ -22,22 +22,22 @@ def load_model(
     *,
     quantization: QuantizationSettings,
     lora: LoraSettings,
-    gradient_checkpointing: bool,
+    attention: str,
     trust_remote_code: bool,
 ) -> Any:
+    """The peft model. Gradient checkpointing is the Trainer's to switch on, from its
+    arguments: the run decides it once the model is loaded (`training.checkpointing`)."""
     try:
         base = load_base_model(
-            model, quantization=quantization, trust_remote_code=trust_remote_code
+            model,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+            attention=attention,
         )
     except ModelLoadError as error:
         raise TrainingFailure("model_load_failed", str(error), "model") from error
     if quantization.bits is not None:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=gradient_checkpointing
-        )
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

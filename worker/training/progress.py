@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from afina.core.job_config import JobConfig
 from afina.worker.training.memory import peak_memory, reset_peak_memory
 
 
@@ -18,6 +19,10 @@ class Reporter(Protocol):
     """Where a run's progress goes (the job's rows in the database)."""
 
     def event(self, message: str, *, data: dict[str, Any] | None = None) -> None: ...
+
+    def configured(self, config: JobConfig) -> None:
+        """Record the config the run trains with: each "auto" decided."""
+        ...
 
     def metric(self, step: int, values: dict[str, float | None]) -> None: ...
 
