@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from afina.core.job_config import LoraSettings, QuantizationSettings
 from afina.worker.model_loading import ModelLoadError, load_base_model, load_tokenizer
+from afina.worker.training.dropout import use_lora_dropout
 from afina.worker.training.errors import TrainingFailure
 
 
@@ -46,11 +47,14 @@ def load_model(
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(base, config)
+        peft_model = get_peft_model(base, config)
     except ValueError as error:  # e.g. target_modules naming no layer of this model
         raise TrainingFailure(
             "invalid_lora_config", f"cannot add LoRA to {model!r}: {error}", "lora.target_modules"
         ) from error
+    if not torch.cuda.is_available():
+        use_lora_dropout(peft_model)
+    return peft_model
 
 
 def keep_adapter_in_float32(model: Any) -> None:
