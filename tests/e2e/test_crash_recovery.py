@@ -1,7 +1,8 @@
 """A worker killed with SIGKILL in the middle of training, on the embedded stack and on
 PostgreSQL + Redis: the reconciler (in the API process) sees its heartbeat stop and queues
 the job again; the next worker resumes it from its last checkpoint, optimizer and scheduler
-state included, and it succeeds with the very results of a run never interrupted."""
+state included, from the records the first run tokenized, and it succeeds with the very
+results of a run never interrupted."""
 
 import time
 from pathlib import Path
@@ -90,7 +91,11 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
         assert any(
             m.startswith(f"Training resumed at step {resume_step} of {STEPS}") for m in events
         )
-        assert not any(m.startswith("Training started") for m in events[events.index(lost) :])
+        after_loss = events[events.index(lost) :]
+        assert not any(m.startswith("Training started") for m in after_loss)
+        # The resumed run took the records the first run tokenized.
+        assert any(m.startswith("Reused the 64 training examples") for m in after_loss)
+        assert not any(m.startswith("Tokenized") for m in after_loss)
 
         # Every step has one point. Those up to the checkpoint are the first run's, written
         # before the kill; every later one was written again by the resumed run.
@@ -117,7 +122,9 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
 
         (row,) = [row for row in rows(settings, Job) if row.id == job_id]
         assert (row.attempts, row.lost_workers) == (2, 1)
-        assert not (settings.data_dir / "artifacts" / "jobs" / job_id / "resume").exists()
+        kept = settings.data_dir / "artifacts" / "jobs" / job_id
+        assert not (kept / "resume").exists()
+        assert not (kept / "tokenized").exists()
 
 
 def test_a_queued_job_waits_for_a_worker_and_starts_when_one_comes(settings, demo_model):

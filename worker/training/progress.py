@@ -7,6 +7,7 @@ the worker shuts down)."""
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -22,6 +23,10 @@ class Reporter(Protocol):
 
     def configured(self, config: JobConfig) -> None:
         """Record the config the run trains with: each "auto" decided."""
+        ...
+
+    def tokenized(self, name: str, directory: Path) -> None:
+        """Keep a dataset the run tokenized (`training.tokenized`), for later runs of the job."""
         ...
 
     def metric(self, step: int, values: dict[str, float | None]) -> None: ...

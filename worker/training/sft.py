@@ -19,6 +19,7 @@ from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.worker.model_loading import compute_dtype
+from afina.worker.training import tokenized
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.fast_path import resolve_checkpointing, resolve_engine
 from afina.worker.training.model import (
@@ -49,6 +50,7 @@ class TrainingRun:
     max_line_bytes: int
     trust_remote_code: bool = False
     resume_from: Path | None = None  # a trainer checkpoint of an earlier run of this job
+    tokenized_from: Path | None = None  # the datasets an earlier run of this job tokenized
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,13 @@ def _dataset(
     config: JobConfig,
     run: TrainingRun,
     name: str,
-) -> tuple[Dataset, RecordStats]:
+    reporter: Reporter,
+) -> tuple[Dataset, RecordStats, bool]:
+    """The dataset's records and their stats, and whether an earlier run tokenized them.
+    A dataset tokenized here is handed to the reporter to keep."""
+    kept = tokenized.load(run.tokenized_from / name) if run.tokenized_from else None
+    if kept is not None:
+        return *kept, True
     stats = RecordStats()
     max_seq_length = config.training.max_seq_length
     assert max_seq_length is not None
@@ -118,7 +126,8 @@ def _dataset(
         if isinstance(cause, RecordError | ValueError):
             raise TrainingFailure("invalid_training_example", str(cause), param) from error
         raise
-    return dataset, stats
+    reporter.tokenized(name, tokenized.save(dataset, stats, run.workdir / "tokenized" / name))
+    return dataset, stats, False
 
 
 def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfig:
@@ -195,15 +204,19 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     model_config = _model_config(run)
     config, attention = resolve_engine(_resolve_length(run, model_config.to_dict()), model_config)
     tokenizer = load_training_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
-    train_set, stats = _dataset(run.training_data, tokenizer, config, run, "train")
+    train_set, stats, reused = _dataset(
+        run.training_data, tokenizer, config, run, "train", reporter
+    )
     eval_set = None
     if run.validation_data is not None:
-        eval_set, _ = _dataset(run.validation_data, tokenizer, config, run, "eval")
+        eval_set, _, _ = _dataset(run.validation_data, tokenizer, config, run, "eval", reporter)
+    done = "Reused the" if reused else "Tokenized"
     reporter.event(
-        f"Tokenized {stats.examples} training examples: {stats.tokens} tokens, "
+        f"{done} {stats.examples} training examples: {stats.tokens} tokens, "
         f"{stats.truncated} cut to {config.training.max_seq_length} tokens, "
-        f"{stats.dropped} dropped with nothing left to learn",
-        data=asdict(stats),
+        f"{stats.dropped} dropped with nothing left to learn"
+        + (", tokenized by an earlier run" if reused else ""),
+        data={**asdict(stats), "reused": reused},
     )
     model = load_model(
         run.model,
