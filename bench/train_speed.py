@@ -12,11 +12,13 @@ packing, trl's SFTTrainer on a `text` field. Three runs per dataset:
     afina (recipe)  a job with the recipe's LoRA, quantization and optimizer settings: what
                     afina's engine adds or costs on the same work
 
-For each: time to adapter (load, tokenize, train, save; for a job POST -> `succeeded`),
-non-pad tokens/s over the training loop, peak memory (GPU: `torch.cuda.max_memory_allocated`;
-CPU: peak RSS, both from the start of training), and on a GPU the MFU (LoRA training FLOPs
-over the GPU's dense bf16 peak); the ratios to the recipe last, and each job's fixed overhead
-(POST -> first step, last step -> `succeeded`, with the worker already up).
+Each job runs on an `afina serve` of its own (embedded stack), posted once its worker is up.
+For each run: time to adapter (load, tokenize, train, save; for a job POST -> `succeeded`),
+non-pad tokens/s over the training loop and per CPU-second (all threads: the figure to
+compare on a CPU that others share), peak memory (GPU: `torch.cuda.max_memory_allocated`;
+CPU: the process's peak RSS, both from the start of training), and on a GPU the MFU (LoRA
+training FLOPs over the GPU's dense bf16 peak); then each job's fixed overhead (POST -> first
+step, last step -> `succeeded`) and the ratios to the recipe.
 
 Without --model it builds a random-weight Llama: hidden 256, 4 layers on the CPU; on a GPU
 ~1B (hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128256) so the
@@ -24,13 +26,14 @@ LM head costs what it costs in real models. Data: guanaco-like text rows (log-no
 median ~360 tokens, at most 1,024), and short chats.
 
     .venv/bin/python bench/train_speed.py                      # 200 guanaco rows, 1 epoch
-    .venv/bin/python bench/train_speed.py --rows 48 --data guanaco,chats
-    .venv/bin/python bench/train_speed.py --set training.padding_free=false   # a piece off
+    .venv/bin/python bench/train_speed.py --threads 1 --data guanaco,chats --repeat 3
+    .venv/bin/python bench/train_speed.py --also training.padding_free=false  # a piece off
 """
 
 import argparse
 import json
 import math
+import os
 import random
 import sqlite3
 import subprocess
@@ -64,6 +67,7 @@ ONE_B = ModelShape(
     vocab_size=128256,
 )
 MAX_LENGTH = 1024
+RECIPE_LORA = {"r": 64, "target_modules": ["q_proj", "v_proj"]}
 # Dense bf16 peaks (no sparsity), in FLOP/s, by a piece of the device's name.
 GPU_PEAKS = {
     "H200": 989e12,
@@ -312,6 +316,11 @@ def job_bodies(args: argparse.Namespace, cuda: bool) -> dict[str, dict[str, Any]
     for body in bodies.values():
         for assignment in args.set:
             _set(body, assignment)
+    for variant in args.also:  # afina's defaults with a piece switched
+        body = json.loads(json.dumps(bodies["afina"]))
+        for assignment in variant.split():
+            _set(body, assignment)
+        bodies[f"afina {variant}"] = body
     return bodies
 
 
@@ -344,14 +353,23 @@ def job_figures(database: Path, job_id: str) -> dict[str, Any]:
     }
 
 
-def run_job(client: httpx.Client, workdir: Path, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/fine_tuning/jobs", json=body)
-    if response.status_code != 200:
-        sys.exit(f"job refused: {response.text}")
-    job = response.json()
-    while job["status"] not in ("succeeded", "failed", "cancelled"):
-        time.sleep(0.05)
-        job = client.get(f"/fine_tuning/jobs/{job['id']}").json()
+def run_job(workdir: Path, data: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """One job on a worker of its own, already up when the job is posted: its peak RSS is
+    this job's, not what earlier jobs left in the process."""
+    workdir.mkdir(parents=True)
+    with afina_serve(workdir) as (base, _server), httpx.Client(base_url=f"{base}/v1") as client:
+        wait_for_worker(workdir / "serve.log")
+        with data.open("rb") as stream:
+            uploaded = client.post(
+                "/files", files={"file": stream}, data={"purpose": "fine-tune"}, timeout=60
+            ).json()
+        response = client.post("/fine_tuning/jobs", json={**body, "training_file": uploaded["id"]})
+        if response.status_code != 200:
+            sys.exit(f"job refused: {response.text}")
+        job = response.json()
+        while job["status"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.05)
+            job = client.get(f"/fine_tuning/jobs/{job['id']}").json()
     if job["status"] != "succeeded":
         sys.exit(f"job {job['id']} {job['status']}: {job['error']}")
     figures = job_figures(workdir / "data" / "afina.db", job["id"])
@@ -359,21 +377,38 @@ def run_job(client: httpx.Client, workdir: Path, body: dict[str, Any]) -> dict[s
     return figures
 
 
+def wait_for_worker(log: Path) -> None:
+    """Until the worker child of `afina serve` consumes its queue (Celery logs "ready")."""
+    deadline = time.monotonic() + 120
+    while "ready." not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            sys.exit(f"the worker never came up: see {log}")
+        time.sleep(0.1)
+
+
 # ----------------------------------------------------------------------------- report
+
+
+def _median(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median tokens/s."""
+    return sorted(rounds, key=lambda figures: figures["tokens_per_second"])[len(rounds) // 2]
 
 
 def _per_cpu_second(figures: dict[str, Any]) -> float:
     return figures["tokens"] / figures["cpu_seconds"]
 
 
-def _row(name: str, figures: dict[str, Any], flops: float | None, peak: float | None) -> str:
+def _row(
+    name: str, figures: dict[str, Any], flops: float | None, peak: float | None, width: int
+) -> str:
     mfu = ""
     if flops is not None and peak:
         seconds = figures["tokens"] / figures["tokens_per_second"]
         mfu = f"  {100 * flops / seconds / peak:5.1f}%"
     return (
-        f"  {name:<15} {figures['time_to_adapter']:8.1f} s  {figures['tokens_per_second']:9.0f}"
-        f"  {_per_cpu_second(figures):9.0f}  {figures['peak_memory'] / 2**30:8.2f} GiB{mfu}"
+        f"  {name:<{width}} {figures['time_to_adapter']:8.1f} s"
+        f"  {figures['tokens_per_second']:9.0f}  {_per_cpu_second(figures):12.0f}"
+        f"  {figures['peak_memory'] / 2**30:7.2f} GiB{mfu}"
     )
 
 
@@ -388,19 +423,16 @@ def report(
     count the time the runs waited for a core."""
     recipe = results.get("recipe")
     lengths = recipe["lengths"] if recipe else None
+    width = max(map(len, results)) + 2
     print(f"\n{name}")
-    header = "  run             to adapter   tokens/s  tokens/cpu-s  peak memory"
+    header = f"  {'run':<{width}} to adapter   tokens/s  tokens/cpu-s  peak memory"
     print(header + "  MFU" * bool(peak))
     for run, figures in results.items():
         flops = None
         if lengths is not None and peak:
-            lora = (
-                {"r": 64, "target_modules": ["q_proj", "v_proj"]}
-                if run != "afina"
-                else figures["config"]["lora"]
-            )
+            lora = figures["config"]["lora"] if "config" in figures else RECIPE_LORA
             flops = lora_training_flops(config, lengths, lora) * figures.get("epochs", 1)
-        print(_row(run, figures, flops, peak))
+        print(_row(run, figures, flops, peak, width))
     for run, figures in results.items():
         if run != "recipe":
             print(
@@ -408,9 +440,8 @@ def report(
                 f"{figures['finish']:.2f} s last step -> succeeded"
             )
     if recipe:
-        for run in ("afina", "afina (recipe)"):
-            if run in results:
-                figures = results[run]
+        for run, figures in results.items():
+            if run != "recipe":
                 speed = recipe["time_to_adapter"] / figures["time_to_adapter"]
                 throughput = figures["tokens_per_second"] / recipe["tokens_per_second"]
                 per_cpu = _per_cpu_second(figures) / _per_cpu_second(recipe)
@@ -429,7 +460,17 @@ def main() -> None:
     parser.add_argument("--runs", default="recipe,afina,afina (recipe)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--set", action="append", default=[], help="job field=JSON, both jobs")
+    parser.add_argument("--set", action="append", default=[], help="job field=JSON, every job")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="one more job: the defaults with 'field=JSON [field=JSON ...]'",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the median is shown")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of every run (OMP_NUM_THREADS); one is steadiest"
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak")
     parser.add_argument("--recipe-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -437,6 +478,8 @@ def main() -> None:
         recipe_child(args)
         return
 
+    if args.threads:  # before torch starts, here and in every process started from here
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -452,36 +495,35 @@ def main() -> None:
     model_config = AutoConfig.from_pretrained(args.model).to_dict()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (gpu_peak_flops() if cuda else None)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{device}; {args.epochs} epoch(s), batch {args.batch_size}; job settings: {args.set}")
+    print(
+        f"{device}; {args.epochs} epoch(s), batch {args.batch_size}, median of {args.repeat} "
+        f"round(s); every job: {args.set}"
+    )
     if cuda and peak is None:
         print("unknown GPU peak: give --peak-tflops for the MFU")
     datasets = {
         "guanaco": lambda: guanaco_rows(tokenizer, args.rows),
         "chats": lambda: chat_rows(tokenizer, args.chats),
     }
-    runs = args.runs.split(",")
-    with afina_serve(workdir) as (base, _server):
-        client = httpx.Client(base_url=f"{base}/v1", timeout=60)
-        for name in args.data.split(","):
-            data = write_jsonl(workdir / f"{name}.jsonl", datasets[name]())
-            results: dict[str, dict[str, Any]] = {}
+    runs = [*args.runs.split(","), *(f"afina {variant}" for variant in args.also)]
+    for name in args.data.split(","):
+        data = write_jsonl(workdir / f"{name}.jsonl", datasets[name]())
+        rounds: dict[str, list[dict[str, Any]]] = {run: [] for run in runs}
+        for round_ in range(args.repeat):  # the runs take turns: a busy spell hits them all
             if "recipe" in runs:
-                results["recipe"] = run_recipe(args, data)
-            with data.open("rb") as stream:
-                uploaded = client.post(
-                    "/files", files={"file": stream}, data={"purpose": "fine-tune"}
-                ).json()
-            for run, body in job_bodies(args, cuda).items():
+                rounds["recipe"].append(run_recipe(args, data))
+            for number, (run, body) in enumerate(job_bodies(args, cuda).items()):
                 if run in runs:
-                    body = {**body, "training_file": uploaded["id"]}
-                    results[run] = run_job(client, workdir, body)
-            for figures in results.values():
-                figures["epochs"] = args.epochs
-            rows = len(data.read_text().splitlines())
-            report(f"{name} ({rows} rows)", results, model_config, peak)
-        config = results.get("afina", {}).get("config")
-        if config:
-            print(f"\nafina's resolved config: {json.dumps(config)}")
+                    serve = workdir / f"{name}-{round_}-{number}"
+                    rounds[run].append(run_job(serve, data, body))
+        results = {run: _median(figures) for run, figures in rounds.items() if figures}
+        for figures in results.values():
+            figures["epochs"] = args.epochs
+        rows = len(data.read_text().splitlines())
+        report(f"{name} ({rows} rows)", results, model_config, peak)
+    config = results.get("afina", {}).get("config")
+    if config:
+        print(f"\nafina's resolved config: {json.dumps(config)}")
 
 
 if __name__ == "__main__":
