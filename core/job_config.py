@@ -88,6 +88,11 @@ TargetModules = Annotated[
         }
     ),
 ]
+AutoBool = Annotated[
+    bool,
+    *_or_keyword("auto"),
+    WithJsonSchema({"anyOf": [{"const": "auto"}, {"type": "boolean"}]}),
+]
 LrScheduler = Literal[
     "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -147,7 +152,26 @@ class TrainingSettings(_Strict):
     lr_scheduler: LrScheduler = "constant_with_warmup"
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)] = 0.3
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: AutoBool = Field(
+        default="auto",
+        description="auto: on only when the run's activations would not fit in the device's "
+        "memory without it; the worker decides when the run starts.",
+    )
+    padding_free: bool = Field(
+        default=True,
+        description="Put each batch's examples end to end in one row: no padding is computed, "
+        "and attention stays inside each example.",
+    )
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto",
+        description="auto: flash-attention 2 where an installed build supports the GPU, else "
+        "SDPA (split per example when padding_free).",
+    )
+    liger_kernels: AutoBool = Field(
+        default="auto",
+        description="auto: Liger's fused kernels (linear cross-entropy, RMSNorm, RoPE, SwiGLU) "
+        "on a GPU, for the architectures the installed liger-kernel supports.",
+    )
     eval_steps: Steps | None = Field(
         default=None, description="Default: about 10 evaluations over the run."
     )

@@ -49,6 +49,12 @@ def resume_key(job_id: str, step: int | None = None) -> str:
     return base if step is None else f"{base}/step-{step}"
 
 
+def tokenized_key(job_id: str, name: str | None = None) -> str:
+    """Where a job's tokenized datasets are kept for its later runs (`name`: train, eval)."""
+    base = f"jobs/{job_id}/tokenized"
+    return base if name is None else f"{base}/{name}"
+
+
 def latest_resume_step(storage: "ArtifactStorage", job_id: str) -> int | None:
     """The step of the newest complete trainer state of the job, if there is one."""
     steps = [

@@ -4,6 +4,7 @@ Tests and `afina demo-model` use it to drive the real code path (4-bit quantizat
 SFT, adapter saving, generation) in seconds on a CPU, with no model hub.
 """
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from afina.worker.chat_template import CHATML_TEMPLATE
@@ -11,6 +12,22 @@ from afina.worker.chat_template import CHATML_TEMPLATE
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The Llama shape to build: the demo's by default; benchmarks ask for bigger ones.
+    `vocab_size` None: the tokenizer's own (a larger one only widens the embeddings and LM
+    head, which is what a benchmark wants of it)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = MAX_POSITIONS
+    vocab_size: int | None = None
+
 
 # Enough text for the BPE merges to learn common English pieces; any other text still
 # tokenizes, byte by byte.
@@ -25,7 +42,9 @@ Below is an instruction that describes a task. Write a response that completes t
 """
 
 
-def build_demo_model(directory: Path, *, seed: int = 0) -> Path:
+def build_demo_model(
+    directory: Path, *, seed: int = 0, shape: ModelShape = ModelShape(), dtype: str = "float32"
+) -> Path:
     """Write the model, its tokenizer and a ChatML chat template to `directory`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,24 +68,18 @@ def build_demo_model(directory: Path, *, seed: int = 0) -> Path:
         eos_token="</s>",
         pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=MAX_POSITIONS,
+        model_max_length=shape.max_position_embeddings,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(directory)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        **{**asdict(shape), "vocab_size": shape.vocab_size or len(tokenizer)},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(directory)
     return directory

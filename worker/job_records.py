@@ -38,7 +38,8 @@ from tenacity import (
 
 from afina.core.disk import is_disk_full
 from afina.core.ids import new_id
-from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key
+from afina.core.job_config import JobConfig
+from afina.core.storage import ArtifactStorage, checkpoint_key, resume_key, tokenized_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus, new_event
 from afina.models.base import utcnow
 
@@ -168,6 +169,16 @@ class JobRecorder:
                 session.add(new_event(self.job_id, message, level=level, data=data))
 
     @retried
+    def configured(self, config: JobConfig) -> None:
+        """Show on the job what its "auto" settings became on this worker."""
+        with self.session_factory.begin() as session:
+            session.execute(
+                update(Job)
+                .where(held_by(self.job_id, self.run_id))
+                .values(config=config.model_dump(mode="json"))
+            )
+
+    @retried
     def metric(self, step: int, values: dict[str, float | None]) -> None:
         # A resumed run writes again the steps it repeats; a run whose job was taken back
         # must not overwrite those of the run that holds it now.
@@ -199,6 +210,12 @@ class JobRecorder:
         """A run stopped because its worker shuts down saves its state first: the job goes
         back to the queue and resumes from there. A cancelled run keeps nothing."""
         return shutdown_requested.is_set()
+
+    def tokenized(self, name: str, directory: Path) -> None:
+        """Keep a tokenized dataset, for a later run of the job to use instead of tokenizing
+        again: while the run holds the job (a cancelled job keeps nothing)."""
+        if self.held():
+            self.storage.put_directory(directory, tokenized_key(self.job_id, name))
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
         """Keep a trainer checkpoint: its adapter, for the user, and the whole trainer state

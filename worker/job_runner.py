@@ -39,6 +39,7 @@ from afina.core.storage import (
     latest_resume_step,
     resume_key,
     staged_adapter_key,
+    tokenized_key,
 )
 from afina.models import Job, JobStatus, new_event
 from afina.models.base import utcnow
@@ -155,6 +156,14 @@ def _resume_point(context: WorkerContext, job: Job, recorder: JobRecorder) -> Pa
     return context.storage.local_directory(resume_key(job.id, step), cache)
 
 
+def _tokenized(context: WorkerContext, job: Job) -> Path | None:
+    """The datasets an earlier run of this job tokenized, as a local directory."""
+    if not context.storage.names(tokenized_key(job.id)):
+        return None
+    cache = _workdir(context, job) / "kept"
+    return context.storage.local_directory(tokenized_key(job.id), cache)
+
+
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
     validation = job.validation_file_id
     run = TrainingRun(
@@ -169,6 +178,7 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
         resume_from=_resume_point(context, job, recorder),
+        tokenized_from=_tokenized(context, job),
     )
     return train(run, recorder)
 
@@ -363,11 +373,13 @@ def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
 
 def _clean_up_if_ended(context: WorkerContext, job_id: str) -> None:
     """Remove what was kept to resume the job once it has ended for good: the trainer state,
-    and the job's scratch folder (with what runs killed before their end left in it)."""
+    the tokenized datasets, and the job's scratch folder (with what runs killed before their
+    end left in it)."""
     with context.session_factory() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None or status.is_final:
         context.storage.delete(resume_key(job_id))
+        context.storage.delete(tokenized_key(job_id))
         shutil.rmtree(_job_workdir(context, job_id), ignore_errors=True)
 
 

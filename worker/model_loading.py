@@ -50,12 +50,19 @@ def _quantization_config(settings: QuantizationSettings, dtype: torch.dtype) -> 
 
 
 def load_base_model(
-    model: str, *, quantization: QuantizationSettings, trust_remote_code: bool
+    model: str,
+    *,
+    quantization: QuantizationSettings,
+    trust_remote_code: bool,
+    attention: str | None = None,
 ) -> Any:
-    """The base model, quantized as asked, on the GPU when there is one. A CUDA
-    out-of-memory error passes through as itself."""
+    """The base model, quantized as asked, on the GPU when there is one, with the attention
+    implementation named (transformers' default when None). A CUDA out-of-memory error
+    passes through as itself."""
     dtype = compute_dtype(quantization.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if quantization.bits is not None:
         kwargs["quantization_config"] = _quantization_config(quantization, dtype)
     if torch.cuda.is_available():

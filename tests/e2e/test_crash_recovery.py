@@ -1,15 +1,20 @@
 """A worker killed with SIGKILL in the middle of training, on the embedded stack and on
 PostgreSQL + Redis: the reconciler (in the API process) sees its heartbeat stop and queues
 the job again; the next worker resumes it from its last checkpoint, optimizer and scheduler
-state included, and it succeeds."""
+state included, from the records the first run tokenized, and it succeeds with the very
+results of a run never interrupted."""
 
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 
 from afina.api.app import create_app
 from afina.core.settings import Settings
+from afina.core.storage import adapter_key
 from afina.models import Job, JobMetric
 from afina.models.base import utcnow
 from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
@@ -26,24 +31,30 @@ def settings(database_url: str, tmp_path) -> Settings:
     return stack_settings(database_url, tmp_path, worker_timeout_seconds=WORKER_TIMEOUT)
 
 
+def adapter_weights(settings: Settings, job_id: str) -> dict:
+    artifacts = Path(settings.storage_url or "") / adapter_key(job_id)
+    return load_file(artifacts / "adapter_model.safetensors")
+
+
 def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_model):
     with TestClient(create_app(settings), base_url=LOCAL) as api:
         training = upload_id(api, arithmetic(64, seed=6))
-        job_id = create_job(
-            api,
-            model=str(demo_model),
-            training_file=training,
-            seed=3,
-            hyperparameters={"batch_size": 4},
-            training={"max_steps": STEPS, "save_steps": SAVE_EVERY, "learning_rate": 3e-3},
-        )["id"]
+        # 16 steps an epoch, a checkpoint every 10: the resumed run crosses epoch boundaries.
+        body = {
+            "model": str(demo_model),
+            "training_file": training,
+            "seed": 3,
+            "hyperparameters": {"batch_size": 4},
+            "training": {"max_steps": STEPS, "save_steps": SAVE_EVERY, "learning_rate": 3e-3},
+        }
+        job_id = create_job(api, **body)["id"]
 
         def job() -> dict:
             return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
 
-        def curve() -> dict[int, float]:
+        def curve(job_id: str = job_id) -> dict[int, tuple[float, float]]:
             series = api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
-            return {point["step"]: point["loss"] for point in series}
+            return {point["step"]: (point["loss"], point["grad_norm"]) for point in series}
 
         assert job()["status"] == "queued"  # no worker yet: it waits for one
         with worker_process(settings) as worker:
@@ -67,7 +78,11 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
 
         with worker_process(settings):
             final = wait_for_job(api, settings, job_id)
+            # The same job never interrupted, for the resumed one to match.
+            uninterrupted_id = create_job(api, **body)["id"]
+            uninterrupted = wait_for_job(api, settings, uninterrupted_id)
         assert final["status"] == "succeeded", final["error"]
+        assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
         assert final["progress"]["steps_done"] == STEPS
 
         events = messages(api, job_id)
@@ -76,7 +91,11 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
         assert any(
             m.startswith(f"Training resumed at step {resume_step} of {STEPS}") for m in events
         )
-        assert not any(m.startswith("Training started") for m in events[events.index(lost) :])
+        after_loss = events[events.index(lost) :]
+        assert not any(m.startswith("Training started") for m in after_loss)
+        # The resumed run took the records the first run tokenized.
+        assert any(m.startswith("Reused the 64 training examples") for m in after_loss)
+        assert not any(m.startswith("Tokenized") for m in after_loss)
 
         # Every step has one point. Those up to the checkpoint are the first run's, written
         # before the kill; every later one was written again by the resumed run.
@@ -86,17 +105,26 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_m
         assert [m.step for m in metrics] == list(range(1, STEPS + 1))
         assert all(m.at < killed_at for m in metrics if m.step <= resume_step)
         assert all(m.at > killed_at for m in metrics if m.step > resume_step)
-        # The resumed run repeats the steps the killed one did after its checkpoint exactly:
-        # same weights, optimizer, schedule, data order and random state.
+        # The resumed run repeats the steps the killed one did after its checkpoint exactly
+        # (same weights, optimizer, schedule, data order and random state), and the whole run
+        # is, bit for bit, the one never interrupted: every loss, every grad norm, the adapter.
         second_curve = curve()
         repeated = range(resume_step + 1, steps_at_kill + 1)
-        assert [second_curve[step] for step in repeated] == pytest.approx(
-            [first_curve[step] for step in repeated], rel=1e-4
+        assert [second_curve[step] for step in repeated] == [first_curve[s] for s in repeated]
+        assert second_curve == curve(uninterrupted_id)
+        resumed_weights = adapter_weights(settings, job_id)
+        uninterrupted_weights = adapter_weights(settings, uninterrupted_id)
+        assert resumed_weights.keys() == uninterrupted_weights.keys()
+        assert all(
+            torch.equal(weights, uninterrupted_weights[name])
+            for name, weights in resumed_weights.items()
         )
 
         (row,) = [row for row in rows(settings, Job) if row.id == job_id]
         assert (row.attempts, row.lost_workers) == (2, 1)
-        assert not (settings.data_dir / "artifacts" / "jobs" / job_id / "resume").exists()
+        kept = settings.data_dir / "artifacts" / "jobs" / job_id
+        assert not (kept / "resume").exists()
+        assert not (kept / "tokenized").exists()
 
 
 def test_a_queued_job_waits_for_a_worker_and_starts_when_one_comes(settings, demo_model):

@@ -75,6 +75,13 @@ def test_a_job_trains_to_success_and_keeps_its_record(api, stack, demo_model):
     assert job["finished_at"] >= job["created_at"]
     assert job["progress"]["steps_done"] == job["progress"]["total_steps"] == 32
     assert job["config"]["training"]["max_seq_length"] == 512  # the demo model's limit
+    # What the worker made of the fast path's "auto": a tiny model on a CPU needs no
+    # checkpointing, and SDPA runs per example of the padding-free rows.
+    resolved = job["config"]["training"]
+    assert resolved["gradient_checkpointing"] is False
+    assert resolved["padding_free"] is True
+    assert resolved["attention"] == "sdpa"
+    assert resolved["liger_kernels"] is False
 
     series = api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
     assert [point["step"] for point in series] == list(range(1, 33))  # short: every step
@@ -94,7 +101,14 @@ def test_a_job_trains_to_success_and_keeps_its_record(api, stack, demo_model):
         "Job queued",
         "Job started (attempt 1)",
     ]
-    for expected in ("Training started: 32 steps", "Checkpoint saved at step 16", "Epoch 4"):
+    for expected in (
+        "Training with packed_sdpa attention, padding-free batches, gradient checkpointing "
+        "off, Liger kernels off",
+        "Training started: 32 steps",
+        "Checkpoint saved at step 16",
+        "Epoch 4",
+        "Training done: 32 steps in",
+    ):
         assert any(message.startswith(expected) for message in events), events
     assert events[-1].startswith("Job succeeded: 32 steps")
 

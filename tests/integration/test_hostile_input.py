@@ -503,6 +503,7 @@ WRONG["int?"] = [value for value in WRONG["int"] if value != NULL]
 WRONG["float?"] = [value for value in WRONG["float"] if value != NULL]
 WRONG["auto-int"] = [*WRONG["int"], '"AUTO"']
 WRONG["auto-float"] = [*WRONG["float"], '"AUTO"']
+WRONG["auto-bool"] = [*WRONG["bool"], '"AUTO"']
 WRONG["modules"] = ['"all"', NUMBER, TRUE, OBJECT, NULL, "[]", "[1]", '["a b"]', "[null]"]
 WRONG["bits"] = ['"4"', TRUE, LIST, OBJECT, "16", "4.5", NAN]
 WRONG["integrations"] = [STRING, NUMBER, TRUE, OBJECT, LIST]
@@ -544,7 +545,10 @@ JOB_FIELDS = {
     "training.lr_scheduler": "enum",
     "training.weight_decay": "float",
     "training.max_grad_norm": "float",
-    "training.gradient_checkpointing": "bool",
+    "training.gradient_checkpointing": "auto-bool",
+    "training.padding_free": "bool",
+    "training.attention": "enum",
+    "training.liger_kernels": "auto-bool",
     "training.eval_steps": "int?",
     "training.save_steps": "int?",
     "training.loss_on": "enum",

@@ -81,6 +81,10 @@ def test_create_queues_the_job_with_the_resolved_config(client, body, settings):
     assert config["training"]["learning_rate"] == pytest.approx(1e-4)
     assert config["training"]["max_seq_length"] == 512  # the model's limit, under 2048
     assert config["training"]["packing"] is True
+    # The fast path: on by default, its device-dependent choices left to the worker.
+    assert config["training"]["padding_free"] is True
+    for choice in ("gradient_checkpointing", "attention", "liger_kernels"):
+        assert config["training"][choice] == "auto"
     assert job["progress"] == {
         "steps_done": 0,
         "total_steps": None,

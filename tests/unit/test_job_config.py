@@ -101,6 +101,37 @@ def test_explicit_settings_pass_through():
     assert config.training.max_seq_length == 512
 
 
+def test_the_fast_path_is_the_default_and_each_piece_can_be_switched_off():
+    """The API cannot know the worker's device: "auto" stays until the worker decides."""
+    training = resolve({}).training
+    assert training.padding_free is True
+    assert training.gradient_checkpointing == "auto"
+    assert training.attention == "auto"
+    assert training.liger_kernels == "auto"
+
+    off = {"padding_free": False, "gradient_checkpointing": True, "liger_kernels": False}
+    training = resolve({"training": {**off, "attention": "eager"}}).training
+    assert training.padding_free is False
+    assert training.gradient_checkpointing is True
+    assert training.liger_kernels is False
+    assert training.attention == "eager"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gradient_checkpointing", "yes"),
+        ("gradient_checkpointing", "AUTO"),
+        ("liger_kernels", 1),
+        ("padding_free", "auto"),
+        ("attention", "flash_attention_3"),
+    ],
+)
+def test_fast_path_settings_take_only_their_values(field, value):
+    error = only_error({"training": {field: value}})
+    assert error["loc"] == ("training", field)
+
+
 def test_learning_rate_overrides_and_sets_the_multiplier_it_implies():
     config = resolve({"training": {"learning_rate": 1e-4}})
 

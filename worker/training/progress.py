@@ -1,20 +1,33 @@
 """The trainer callback that reports a run as it goes: a metric point per logging step
 (loss, eval_loss, learning rate, grad norm, tokens/s), progress and ETA per step, events at
-milestones, each checkpoint, and a stop at the next step once the job is cancelled (or, with
-a checkpoint to resume from, once the worker shuts down)."""
+milestones (the last one with the run's throughput and peak memory), each checkpoint, and a
+stop at the next step once the job is cancelled (or, with a checkpoint to resume from, once
+the worker shuts down)."""
 
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from afina.core.job_config import JobConfig
+from afina.worker.training.memory import peak_memory, reset_peak_memory
 
 
 class Reporter(Protocol):
     """Where a run's progress goes (the job's rows in the database)."""
 
     def event(self, message: str, *, data: dict[str, Any] | None = None) -> None: ...
+
+    def configured(self, config: JobConfig) -> None:
+        """Record the config the run trains with: each "auto" decided."""
+        ...
+
+    def tokenized(self, name: str, directory: Path) -> None:
+        """Keep a dataset the run tokenized (`training.tokenized`), for later runs of the job."""
+        ...
 
     def metric(self, step: int, values: dict[str, float | None]) -> None: ...
 
@@ -39,19 +52,22 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self.started = 0.0
+        self.cpu_started = 0.0
         self.first_step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
-        self.tokens_at_last_log = 0
+        self.tokens_at_start = self.tokens_at_last_log = 0
         self.time_at_last_log = 0.0
         self.stopped_early = False
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        reset_peak_memory()
         self.started = self.time_at_last_log = time.monotonic()
+        self.cpu_started = time.process_time()
         self.first_step = state.global_step
-        self.tokens_at_last_log = state.num_input_tokens_seen
+        self.tokens_at_start = self.tokens_at_last_log = state.num_input_tokens_seen
         self.reporter.progress(state.global_step, state.max_steps, state.epoch or 0.0, None)
         span = "" if args.max_steps > 0 else f" over {args.num_train_epochs:g} epoch(s)"
         begun = (
@@ -137,4 +153,26 @@ class ProgressCallback(TrainerCallback):
             step,
             f"{args.output_dir}/checkpoint-{step}",
             {"step": step, "train_loss": self.last_loss, "valid_loss": self.last_eval_loss},
+        )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        seconds = time.monotonic() - self.started
+        cpu_seconds = time.process_time() - self.cpu_started
+        tokens = state.num_input_tokens_seen - self.tokens_at_start
+        tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+        memory, measure = peak_memory()
+        self.reporter.event(
+            f"Training done: {state.global_step - self.first_step} steps in {seconds:.1f} s, "
+            f"{tokens_per_second:.0f} tokens/s, peak memory {memory / 2**30:.2f} GiB",
+            data={
+                "steps": state.global_step - self.first_step,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,  # all threads: less noisy than seconds on a busy CPU
+                "tokens": tokens,
+                "tokens_per_second": tokens_per_second,
+                "peak_memory_bytes": memory,
+                "peak_memory": measure,
+            },
         )

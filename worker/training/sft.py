@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, disable_progress_bars
-from transformers import AutoConfig, PrinterCallback, set_seed
+from transformers import AutoConfig, PretrainedConfig, PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
@@ -18,8 +19,14 @@ from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.worker.model_loading import compute_dtype
+from afina.worker.training import tokenized
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.model import load_model, load_training_tokenizer
+from afina.worker.training.fast_path import resolve_checkpointing, resolve_engine
+from afina.worker.training.model import (
+    keep_adapter_in_float32,
+    load_model,
+    load_training_tokenizer,
+)
 from afina.worker.training.progress import ProgressCallback, Reporter
 from afina.worker.training.records import RecordError, RecordStats, to_records
 
@@ -43,6 +50,7 @@ class TrainingRun:
     max_line_bytes: int
     trust_remote_code: bool = False
     resume_from: Path | None = None  # a trainer checkpoint of an earlier run of this job
+    tokenized_from: Path | None = None  # the datasets an earlier run of this job tokenized
 
 
 @dataclass(frozen=True)
@@ -53,15 +61,16 @@ class TrainingOutcome:
     trained_tokens: int
 
 
-def _resolve_length(run: TrainingRun) -> JobConfig:
+def _model_config(run: TrainingRun) -> PretrainedConfig:
     try:
-        model_config = AutoConfig.from_pretrained(
-            run.model, trust_remote_code=run.trust_remote_code
-        ).to_dict()
+        return AutoConfig.from_pretrained(run.model, trust_remote_code=run.trust_remote_code)
     except Exception as error:
         raise TrainingFailure(
             "model_load_failed", f"cannot load model {run.model!r}: {error}", "model"
         ) from error
+
+
+def _resolve_length(run: TrainingRun, model_config: dict[str, Any]) -> JobConfig:
     # A model that declares no context length takes what was asked, or the default.
     limit = max_length(model_config) or run.config.training.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
     try:
@@ -78,7 +87,13 @@ def _dataset(
     config: JobConfig,
     run: TrainingRun,
     name: str,
-) -> tuple[Dataset, RecordStats]:
+    reporter: Reporter,
+) -> tuple[Dataset, RecordStats, bool]:
+    """The dataset's records and their stats, and whether an earlier run tokenized them.
+    A dataset tokenized here is handed to the reporter to keep."""
+    kept = tokenized.load(run.tokenized_from / name) if run.tokenized_from else None
+    if kept is not None:
+        return *kept, True
     stats = RecordStats()
     max_seq_length = config.training.max_seq_length
     assert max_seq_length is not None
@@ -111,11 +126,13 @@ def _dataset(
         if isinstance(cause, RecordError | ValueError):
             raise TrainingFailure("invalid_training_example", str(cause), param) from error
         raise
-    return dataset, stats
+    reporter.tokenized(name, tokenized.save(dataset, stats, run.workdir / "tokenized" / name))
+    return dataset, stats, False
 
 
 def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfig:
     training, hyper = config.training, config.hyperparameters
+    padding_free = bool(training.padding_free) and not training.packing  # packing: trl's own
     cuda = torch.cuda.is_available()
     dtype = compute_dtype(config.quantization.compute_dtype)
     return SFTConfig(
@@ -134,10 +151,13 @@ def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfi
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=training.max_seq_length,
+        activation_checkpointing=bool(training.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=bool(training.liger_kernels),
+        # Records are cut to max_seq_length already; trl refuses a length it would not enforce.
+        max_length=None if padding_free else training.max_seq_length,
         packing=training.packing,
+        padding_free=padding_free,
         logging_strategy="steps",
         logging_steps=LOGGING_RATIO,
         logging_first_step=True,
@@ -155,27 +175,54 @@ def _sft_config(run: TrainingRun, config: JobConfig, evaluate: bool) -> SFTConfi
     )
 
 
+def _lengths(dataset: Dataset) -> list[int]:
+    """Each record's token count, read from the Arrow column without building the lists."""
+    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+
+
+def _report_engine(reporter: Reporter, config: JobConfig, attention: str) -> None:
+    training = config.training
+    choices = {
+        "attention": attention,
+        "padding_free": training.padding_free,
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "liger_kernels": training.liger_kernels,
+    }
+    reporter.event(
+        f"Training with {attention} attention, "
+        f"{'padding-free' if training.padding_free else 'padded'} batches, gradient "
+        f"checkpointing {'on' if training.gradient_checkpointing else 'off'}, Liger kernels "
+        f"{'on' if training.liger_kernels else 'off'}",
+        data=choices,
+    )
+
+
 def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     disable_progress_bars()
     hf_logging.disable_progress_bar()
     set_seed(run.seed)  # before LoRA's random init, not only before the training loop
-    config = _resolve_length(run)
+    model_config = _model_config(run)
+    config, attention = resolve_engine(_resolve_length(run, model_config.to_dict()), model_config)
     tokenizer = load_training_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
-    train_set, stats = _dataset(run.training_data, tokenizer, config, run, "train")
+    train_set, stats, reused = _dataset(
+        run.training_data, tokenizer, config, run, "train", reporter
+    )
     eval_set = None
     if run.validation_data is not None:
-        eval_set, _ = _dataset(run.validation_data, tokenizer, config, run, "eval")
+        eval_set, _, _ = _dataset(run.validation_data, tokenizer, config, run, "eval", reporter)
+    done = "Reused the" if reused else "Tokenized"
     reporter.event(
-        f"Tokenized {stats.examples} training examples: {stats.tokens} tokens, "
+        f"{done} {stats.examples} training examples: {stats.tokens} tokens, "
         f"{stats.truncated} cut to {config.training.max_seq_length} tokens, "
-        f"{stats.dropped} dropped with nothing left to learn",
-        data=asdict(stats),
+        f"{stats.dropped} dropped with nothing left to learn"
+        + (", tokenized by an earlier run" if reused else ""),
+        data={**asdict(stats), "reused": reused},
     )
     model = load_model(
         run.model,
         quantization=config.quantization,
         lora=config.lora,
-        gradient_checkpointing=config.training.gradient_checkpointing,
+        attention=attention,
         trust_remote_code=run.trust_remote_code,
     )
     trainable, total = model.get_nb_trainable_parameters()
@@ -183,6 +230,9 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         f"Loaded {run.model}: {trainable:,} trainable LoRA parameters of {total:,}",
         data={"trainable_parameters": trainable, "parameters": total},
     )
+    config = resolve_checkpointing(config, model_config.to_dict(), _lengths(train_set), trainable)
+    reporter.configured(config)
+    _report_engine(reporter, config, attention)
     callback = ProgressCallback(reporter)
     trainer = SFTTrainer(
         model=model,
@@ -193,6 +243,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job, not to stdout
+    keep_adapter_in_float32(model)
     trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     state = trainer.state
     if callback.stopped_early:
