@@ -69,14 +69,6 @@ def run_worker() -> None:
     workdir = settings.data_dir / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
-    if settings.broker_url and settings.broker_url.startswith("sqla+"):
-        # kombu polls a database broker every second: half a second of a new job's wait, on
-        # average. A tenth of a second costs an idle worker ten small queries a second.
-        # (Its transport options go to SQLAlchemy's create_engine, which refuses this one.
-        # Redis delivers at once, without polling.)
-        from kombu.transport import sqlalchemy as database_transport
-
-        database_transport.Transport.polling_interval = 0.1
     create_celery(settings).worker_main(
         [
             "worker",
