@@ -157,7 +157,7 @@ def lora_training_flops(config: dict[str, Any], lengths: list[int], lora: dict[s
     }
     frozen = layers * sum(i * o for i, o in shapes.values()) + d * config["vocab_size"]
     targets = shapes if lora["target_modules"] == "all-linear" else lora["target_modules"]
-    adapter = layers * sum(lora["r"] * sum(shapes[name]) for name in targets)
+    adapter = layers * sum(lora["r"] * sum(shapes[name]) for name in targets if name in shapes)
     tokens = sum(lengths)
     attention = sum(3 * 2 * length * length * d * layers for length in lengths)
     return 4 * frozen * tokens + 6 * adapter * tokens + attention

@@ -1,7 +1,10 @@
 """When a run turns gradient checkpointing on: only when the largest batch's activations
 would not fit in the memory left, or when the job asks for it."""
 
+from types import SimpleNamespace
+
 import pytest
+from transformers import GPT2Config, LlamaConfig
 
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.worker.training import fast_path
@@ -9,22 +12,22 @@ from afina.worker.training.checkpointing import needs_checkpointing, tokens_per_
 
 GIB = 2**30
 # The benchmark's small model, and Llama-3-8B's shape.
-SMALL = {
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-}
-EIGHT_B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-}
+SMALL = LlamaConfig(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+)
+EIGHT_B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 
 
 def test_a_batch_holds_the_longest_examples_end_to_end_or_padded_to_the_longest():
@@ -43,6 +46,13 @@ def test_a_large_batch_of_a_large_model_on_a_small_gpu_needs_it():
     kwargs = {"tokens_per_step": 8 * 4096, "dtype_bytes": 2, "trainable_parameters": 42 * 10**6}
     assert needs_checkpointing(EIGHT_B, **kwargs, free_bytes=18 * GIB)  # a 24 GiB GPU
     assert not needs_checkpointing(EIGHT_B, **kwargs, free_bytes=2000 * GIB)
+
+
+def test_other_architectures_are_read_by_their_own_names_and_an_unknown_shape_checkpoints():
+    kwargs = {"tokens_per_step": 4096, "dtype_bytes": 2, "trainable_parameters": 10**6}
+    assert not needs_checkpointing(GPT2Config(), **kwargs, free_bytes=80 * GIB)
+    assert needs_checkpointing(GPT2Config(), **kwargs, free_bytes=1 * GIB)
+    assert needs_checkpointing(SimpleNamespace(), **kwargs, free_bytes=2000 * GIB)
 
 
 def config(**training: object):

@@ -3,8 +3,6 @@ the worker makes them (the API stores "auto"): the attention implementation, whe
 go padding-free, Liger's kernels, and gradient checkpointing. Each "auto" of the job's config
 is replaced by what the run uses, and the job shows that config."""
 
-from typing import Any
-
 import torch
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -82,7 +80,7 @@ def resolve_engine(config: JobConfig, model_config: PretrainedConfig) -> tuple[J
 
 
 def resolve_checkpointing(
-    config: JobConfig, model_config: dict[str, Any], lengths: list[int], trainable: int
+    config: JobConfig, model_config: PretrainedConfig, lengths: list[int], trainable: int
 ) -> JobConfig:
     """The config with gradient_checkpointing decided: as asked, or for "auto" from the
     largest batch's activations and the memory left once the model is loaded."""
@@ -96,7 +94,7 @@ def resolve_checkpointing(
     else:
         tokens = tokens_per_step(lengths, batch_size, padding_free=bool(training.padding_free))
     decided = needs_checkpointing(
-        model_config,
+        model_config.get_text_config(),
         tokens_per_step=tokens,
         dtype_bytes=torch.finfo(dtype).bits // 8,
         trainable_parameters=trainable,

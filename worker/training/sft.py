@@ -230,7 +230,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
         f"Loaded {run.model}: {trainable:,} trainable LoRA parameters of {total:,}",
         data={"trainable_parameters": trainable, "parameters": total},
     )
-    config = resolve_checkpointing(config, model_config.to_dict(), _lengths(train_set), trainable)
+    config = resolve_checkpointing(config, model_config, _lengths(train_set), trainable)
     reporter.configured(config)
     _report_engine(reporter, config, attention)
     callback = ProgressCallback(reporter)
