@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,11 +32,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from train_job import afina_serve  # a sibling script: started as bench/load.py
 
 AFINA = Path(sys.executable).with_name("afina")
 KEY = "sk-bench-load"
@@ -201,41 +201,6 @@ def report(label: str, results: Results, wall: float, cpu: float, recovery: floa
     print(row, flush=True)
 
 
-def wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with suppress(httpx.TransportError):
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                return
-        if server.poll() is not None:
-            sys.exit("afina serve exited")
-        time.sleep(0.1)
-    sys.exit("afina serve did not come up")
-
-
-@contextmanager
-def afina_serve(workdir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), "AFINA_API_KEYS": KEY}
-    env.pop("AFINA_DATABASE_URL", None)
-    env.pop("AFINA_BROKER_URL", None)
-    env.pop("AFINA_STORAGE_URL", None)
-    with (workdir / "serve.log").open("wb") as log:
-        server = subprocess.Popen(
-            [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}", server)
-            yield server
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                print("afina serve did not stop in 60 s after SIGTERM: killed", flush=True)
-                server.kill()
-                server.wait()
-
-
 def chat_lines(count: int, words: int) -> bytes:
     generator = random.Random(0)
     vocabulary = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -316,9 +281,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="afina-load-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        with afina_serve(workdir, port) as server:
-            base = f"http://127.0.0.1:{port}"
+        with afina_serve(workdir, AFINA_API_KEYS=KEY) as (base, server):
+            port = int(base.rsplit(":", 1)[1])
             headers = {"Authorization": f"Bearer {KEY}"}
             with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
                 job_id = start_training(client, workdir) if "training" in args.during else None
@@ -389,12 +353,6 @@ def run_phases(during, port, path, pid, args, base, upload) -> None:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Connection, delete, or_, select
+from sqlalchemy import delete, or_, select
 
 from afina.api.deps import (
     DbDep,
@@ -135,11 +135,14 @@ router.add_api_route(
 )
 
 
-def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:
-    row = owned_row(db, File, file_id, "file", project)
+def _found(row: Any, file_id: str) -> Any:
     if row is None:
         raise not_found("file", file_id)
     return row
+
+
+def _owned_file_dependency(db: DbDep, project: ProjectDep, file_id: str) -> File:
+    return _found(owned_row(db, File, file_id, "file", project), file_id)
 
 
 OwnedFile = Annotated[File, Depends(_owned_file_dependency)]
@@ -160,13 +163,10 @@ async def list_files(
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 async def retrieve_file(request: Request, project: ProjectDep, file_id: str) -> FileObject:
-    def read(db: Connection) -> FileObject:
-        row = owned_record(db, File, file_id, "file", project)
-        if row is None:
-            raise not_found("file", file_id)
-        return FileObject.of(row)
-
-    return await reading(request, read)
+    return await reading(
+        request,
+        lambda db: FileObject.of(_found(owned_record(db, File, file_id, "file", project), file_id)),
+    )
 
 
 @router.get(

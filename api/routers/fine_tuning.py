@@ -173,19 +173,19 @@ def create_job(
     return JobObject.of(job)
 
 
-def _owned_job(db: Connection, project: str, job_id: str) -> Any:
-    """The caller's job as a record (`records`), for the read routes."""
-    row = owned_record(db, Job, job_id, "ftjob", project)
+def _found(row: Any, job_id: str) -> Any:
     if row is None:
         raise not_found("fine-tuning job", job_id)
     return row
+
+
+def _owned_job(db: Connection, project: str, job_id: str) -> Any:
+    """The caller's job as a record (`records`), for the read routes."""
+    return _found(owned_record(db, Job, job_id, "ftjob", project), job_id)
 
 
 def _owned_job_dependency(db: DbDep, project: ProjectDep, job_id: str) -> Job:
-    row = owned_row(db, Job, job_id, "ftjob", project)
-    if row is None:
-        raise not_found("fine-tuning job", job_id)
-    return row
+    return _found(owned_row(db, Job, job_id, "ftjob", project), job_id)
 
 
 OwnedJob = Annotated[Job, Depends(_owned_job_dependency)]
