@@ -1,1 +1,1 @@
-"""The HTTP API (FastAPI) and the `afina` command line."""
+"""The HTTP API (FastAPI): the app factory, routers, schemas, auth and the error envelope."""

@@ -18,8 +18,8 @@ from afina.core.disk import sqlite_reserve
 from afina.core.settings import Settings, get_settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
+from afina.serving.engine import InferenceEngine
 from afina.worker.celery_app import create_celery
-from afina.worker.inference.engine import InferenceEngine
 from afina.worker.reconciler import Reconciler
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from afina.core.job_config import JobConfig
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobStatus
-from afina.worker.inference.protocol import AdapterSpec, BaseModelSpec, ModelSpec
+from afina.serving.protocol import AdapterSpec, BaseModelSpec, ModelSpec
 
 _CHECKPOINT = re.compile(r"(?P<job>ftjob-[A-Za-z0-9]+):ckpt-step-(?P<step>[0-9]{1,9})")
 _GLOB = re.compile(r"[*?\[]")
@@ -43,13 +43,13 @@ def _base_spec(job: Job) -> BaseModelSpec:
     return BaseModelSpec(job.model, JobConfig.model_validate(job.config).quantization)
 
 
-def _adapter(storage: ArtifactStorage, spec: ModelSpec, param: str) -> ModelSpec:
+def _adapter(storage: ArtifactStorage, spec: ModelSpec) -> ModelSpec:
     assert spec.adapter is not None
     if not storage.exists(spec.adapter.key):
         raise APIError(
             404,
             f"the adapter files of {shown_id(spec.name)} are missing from storage",
-            param=param,
+            param=spec.param,
             code="adapter_not_found",
         )
     return spec
@@ -87,8 +87,9 @@ def _job_model(
         job.fine_tuned_model,
         _base_spec(job),
         AdapterSpec(adapter_key(job.id), job.fine_tuned_model),
+        param,
     )
-    return _adapter(storage, spec, param)
+    return _adapter(storage, spec)
 
 
 def resolve_job(
@@ -134,10 +135,10 @@ def resolve_model(
         if not _allowed(job.model, settings):
             raise _not_found(name, param)
         key = checkpoint_key(job.id, step)
-        return _adapter(storage, ModelSpec(name, _base_spec(job), AdapterSpec(key, name)), param)
+        return _adapter(storage, ModelSpec(name, _base_spec(job), AdapterSpec(key, name), param))
     if name not in {model.id for model in base_models(db, settings, project)}:
         raise _not_found(name, param)
-    return ModelSpec(name, BaseModelSpec(name))
+    return ModelSpec(name, BaseModelSpec(name), param=param)
 
 
 def base_models(db: Session, settings: Settings, project: str) -> list[ModelObject]:

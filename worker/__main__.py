@@ -14,7 +14,7 @@ import time
 from afina.worker.celery_app import run_worker
 
 PARENT_PID_VARIABLE = "AFINA_WORKER_PARENT_PID"
-# As long as `afina serve` waits for its worker to stop (`afina.api.cli.WORKER_STOP_SECONDS`).
+# As long as `afina serve` waits for its worker to stop (`afina.cli.main.WORKER_STOP_SECONDS`).
 STOP_SECONDS = 30
 
 

@@ -7,7 +7,7 @@ SFT, adapter saving, generation) in seconds on a CPU, with no model hub.
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from afina.worker.chat_template import CHATML_TEMPLATE
+from afina.core.chat_format import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 512

@@ -29,8 +29,8 @@ from afina.api.schemas.inference import (
     UsageObject,
 )
 from afina.api.served_models import resolve_job, resolve_model
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import (
+from afina.serving.engine import InferenceEngine
+from afina.serving.protocol import (
     Delta,
     Finished,
     GeneratedText,
@@ -238,7 +238,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                     message=AssistantMessage(content=done.text), finish_reason=done.finish_reason
                 )
             ],
-            usage=UsageObject.of(done.usage),
+            usage=UsageObject(**done.usage.as_dict()),
         )
     return _openai_stream(
         stream,
@@ -271,7 +271,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return Completion(
             **identity,
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
-            usage=UsageObject.of(done.usage),
+            usage=UsageObject(**done.usage.as_dict()),
         )
     return _openai_stream(
         stream,
@@ -297,26 +297,20 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             400, "give exactly one of prompt and messages", param="prompt", code="invalid_request"
         )
     model = await _resolve(request, model=body.model, job_id=body.job_id)
-    param = "job_id" if body.job_id is not None else "model"
     prompt = (
         _messages(body.messages)
         if body.messages is not None
         else Prompt(text=body.prompt, param="prompt")
     )
     params = _params(request, body, body.max_new_tokens, "max_new_tokens")
-    try:
-        stream = await _start(request, model, prompt, params)
-    except APIError as error:
-        if error.param == "model":
-            error.param = param
-        raise
+    stream = await _start(request, model, prompt, params)
     if not body.stream:
         done = await _finish(request, stream)
         return GenerateResponse(
             model=model.name,
             text=done.text,
             finish_reason=done.finish_reason,
-            usage=UsageObject.of(done.usage),
+            usage=UsageObject(**done.usage.as_dict()),
         )
     return _event_stream(
         stream,

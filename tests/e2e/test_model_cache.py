@@ -9,8 +9,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from afina.core.storage import ArtifactStorage
-from afina.worker.inference.models import ModelCache
-from afina.worker.inference.protocol import AdapterSpec, BaseModelSpec, InferenceError
+from afina.serving.model_cache import ModelCache
+from afina.serving.protocol import AdapterSpec, BaseModelSpec, InferenceError
 
 
 @pytest.fixture(scope="module")

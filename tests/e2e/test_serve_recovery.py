@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from afina.api import cli
+from afina.cli import main as cli
 from afina.core.settings import Settings
 from afina.core.storage import resume_key
 from afina.models import Job, JobStatus

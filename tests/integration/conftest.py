@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import InferenceError
+from afina.serving.engine import InferenceEngine
+from afina.serving.protocol import InferenceError
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from afina.worker.inference.engine import InferenceEngine
+from afina.serving.engine import InferenceEngine
 from tests.support import JOB_CONFIG, LOCAL, assert_error
 
 ALLOWED = ["/models/a", "org/*"]

@@ -7,7 +7,7 @@ import pytest
 
 from afina.api.errors import APIError
 from afina.api.routers.inference import _while_connected
-from afina.worker.inference.protocol import (
+from afina.serving.protocol import (
     BaseModelSpec,
     Delta,
     GenerationStream,

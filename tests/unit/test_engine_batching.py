@@ -15,8 +15,9 @@ import pytest
 from afina.core.job_config import QuantizationSettings
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, adapter_key
-from afina.worker.inference.engine import InferenceEngine
-from afina.worker.inference.protocol import (
+from afina.serving.batch import serve_batch
+from afina.serving.engine import InferenceEngine
+from afina.serving.protocol import (
     AdapterSpec,
     BaseModelSpec,
     GenerationStream,
@@ -219,3 +220,21 @@ async def test_an_engine_found_unavailable_refuses_new_requests(tmp_path):
     assert refused.value is queue._unavailable
     assert waiting(queue) == []
     assert queue._thread is None
+
+
+class _UnloadableCache:
+    def base(self, spec: BaseModelSpec) -> Any:
+        raise InferenceError(409, "cannot load", code="model_load_failed")
+
+
+@in_event_loop
+async def test_a_model_that_cannot_load_is_an_error_in_the_field_that_named_it():
+    by_name, by_job = model(), ModelSpec("ft:x", model().base, param="job_id")
+    streams = [GenerationStream(spec, PROMPT, PARAMS) for spec in (by_name, by_job)]
+    serve_batch(_UnloadableCache(), streams, max_new_tokens=8)  # type: ignore[arg-type]
+    errors = []
+    for stream in streams:
+        with pytest.raises(InferenceError) as raised:
+            await stream.next_event()
+        errors.append((raised.value.param, raised.value.code))
+    assert errors == [("model", "model_load_failed"), ("job_id", "model_load_failed")]

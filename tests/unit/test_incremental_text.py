@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from afina.serving.text import IncrementalText
 from afina.worker.demo_model import build_demo_model
-from afina.worker.inference.text import IncrementalText
 
 INCOMPLETE = "\ufffd"
 

@@ -7,20 +7,19 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from afina.core.chat_format import CHATML_TEMPLATE, ensure_chat_template
 from afina.core.datasets import (
     ChatExample,
     InstructionExample,
     PromptCompletionExample,
     TextExample,
 )
-from afina.worker.chat_template import CHATML_TEMPLATE
 from afina.worker.demo_model import build_demo_model
 from afina.worker.training.records import (
     IGNORE_INDEX,
     Record,
     RecordError,
     RecordStats,
-    ensure_chat_template,
     instruction_prompt,
     to_record,
     to_records,

@@ -9,7 +9,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available, is_liger_kernel_available
 
 from afina.core.job_config import JobConfig
-from afina.worker.model_loading import compute_dtype
+from afina.core.model_loading import compute_dtype
 from afina.worker.training.attention import PACKED_SDPA
 from afina.worker.training.checkpointing import (
     free_memory,

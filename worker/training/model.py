@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from afina.core.job_config import LoraSettings, QuantizationSettings
-from afina.worker.model_loading import ModelLoadError, load_base_model, load_tokenizer
+from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
 from afina.worker.training.dropout import use_lora_dropout
 from afina.worker.training.errors import TrainingFailure
 

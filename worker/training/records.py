@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from afina.core.chat_format import bos_prefix, prompt_text
 from afina.core.datasets import (
     ChatExample,
     Example,
@@ -23,7 +24,6 @@ from afina.core.datasets import (
     PromptCompletionExample,
     TextExample,
 )
-from afina.worker.chat_template import CHATML_TEMPLATE
 
 IGNORE_INDEX = -100
 LossOn = Literal["completion", "all"]
@@ -49,26 +49,10 @@ class Record:
     labels: list[int]
 
 
-def ensure_chat_template(tokenizer: Any) -> None:
-    """Give a tokenizer without a chat template the ChatML one (as plain text markers)."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
-
-
 def instruction_prompt(instruction: str, input_text: str = "") -> str:
     if input_text:
         return ALPACA_PROMPT.format(instruction=instruction, input=input_text)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def _bos(tokenizer: Any, text: str) -> str:
-    bos = tokenizer.bos_token
-    return "" if not bos or text.startswith(bos) else bos
-
-
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """A plain prompt as training renders it before its completion: BOS first."""
-    return _bos(tokenizer, prompt) + prompt
 
 
 def _eos(tokenizer: Any, text: str) -> str:
@@ -114,7 +98,7 @@ def render(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]
     if isinstance(example, ChatExample):
         return _render_chat(example, tokenizer)
     if isinstance(example, TextExample):
-        text = _bos(tokenizer, example.text) + example.text
+        text = bos_prefix(tokenizer, example.text) + example.text
         text += _eos(tokenizer, text)
         return text, [(0, len(text))]
     if isinstance(example, PromptCompletionExample):

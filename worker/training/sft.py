@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
-from afina.worker.model_loading import compute_dtype
+from afina.core.model_loading import compute_dtype
 from afina.worker.training import tokenized
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.fast_path import resolve_checkpointing, resolve_engine

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from afina.worker.inference.protocol import (
+from afina.serving.protocol import (
     Delta,
     Finished,
     FinishReason,
@@ -21,7 +21,7 @@ from afina.worker.inference.protocol import (
     Usage,
     internal_error,
 )
-from afina.worker.inference.text import IncrementalText
+from afina.serving.text import IncrementalText
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from afina.core.chat_format import ensure_chat_template
 from afina.core.job_config import QuantizationSettings
-from afina.worker.training.records import ensure_chat_template
 
 
 class ModelLoadError(Exception):

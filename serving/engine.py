@@ -19,7 +19,7 @@ from typing import Any
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
-from afina.worker.inference.protocol import (
+from afina.serving.protocol import (
     GenerationStream,
     InferenceError,
     ModelSpec,
@@ -108,8 +108,8 @@ class InferenceEngine:
 
     def _serve(self) -> None:
         try:
-            from afina.worker.inference.batch import serve_batch
-            from afina.worker.inference.models import ModelCache
+            from afina.serving.batch import serve_batch
+            from afina.serving.model_cache import ModelCache
         except ImportError as error:  # an API node installed without the training extra
             logger.exception("inference is not available")
             self._become_unavailable(

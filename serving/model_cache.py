@@ -20,10 +20,10 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from afina.core.base_models import max_length
+from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
 from afina.core.storage import ArtifactStorage
-from afina.worker.inference.prompts import Stops, end_of_turn, eos_ids
-from afina.worker.inference.protocol import AdapterSpec, BaseModelSpec, InferenceError
-from afina.worker.model_loading import ModelLoadError, load_base_model, load_tokenizer
+from afina.serving.prompts import Stops, end_of_turn, eos_ids
+from afina.serving.protocol import AdapterSpec, BaseModelSpec, InferenceError
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class LoadedBase:
 
 def _model_error(error: Exception) -> InferenceError:
     if isinstance(error, torch.OutOfMemoryError):
-        return InferenceError(
-            503, "not enough GPU memory to load the model", param="model", code="out_of_memory"
-        )
-    return InferenceError(409, str(error), param="model", code="model_load_failed")
+        return InferenceError(503, "not enough GPU memory to load the model", code="out_of_memory")
+    return InferenceError(409, str(error), code="model_load_failed")
 
 
 class ModelCache:
+    """The loaded bases and adapters, least recently used unloaded first. Its errors name no
+    request field: the batch names the one that chose the model (`ModelSpec.param`)."""
+
     def __init__(
         self,
         *,
@@ -147,7 +148,6 @@ class ModelCache:
             raise InferenceError(
                 500,
                 f"the adapter files of {spec.name!r} cannot be loaded; the server log says why",
-                param="model",
                 code="adapter_load_failed",
             ) from error
         self._adapters[entry] = (name, vocabulary)
@@ -168,7 +168,6 @@ class ModelCache:
             raise InferenceError(
                 404,
                 f"the adapter files of {spec.name!r} are missing from storage",
-                param="model",
                 code="adapter_not_found",
             )
         return directory

@@ -4,8 +4,8 @@ ends a turn in a tokenizer's chat template."""
 from dataclasses import dataclass
 from typing import Any
 
-from afina.worker.inference.protocol import InferenceError, Prompt
-from afina.worker.training.records import prompt_text
+from afina.core.chat_format import prompt_text
+from afina.serving.protocol import InferenceError, Prompt
 
 _PROBE = "afina-end-of-turn-probe"
 

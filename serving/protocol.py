@@ -57,9 +57,13 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model to serve; `param` is the request field that named it, which errors about
+    the model (it cannot be loaded, its adapter is missing) name."""
+
     name: str
     base: BaseModelSpec
     adapter: AdapterSpec | None = None
+    param: str = "model"
 
 
 @dataclass(frozen=True)

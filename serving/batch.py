@@ -10,17 +10,17 @@ import secrets
 
 import torch
 
-from afina.worker.inference.decoding import Row, generate
-from afina.worker.inference.models import NO_ADAPTER, LoadedBase, ModelCache
-from afina.worker.inference.prompts import prompt_ids
-from afina.worker.inference.protocol import (
+from afina.serving.decoding import Row, generate
+from afina.serving.model_cache import NO_ADAPTER, LoadedBase, ModelCache
+from afina.serving.prompts import prompt_ids
+from afina.serving.protocol import (
     GenerationStream,
     InferenceError,
     Prompt,
     Started,
     internal_error,
 )
-from afina.worker.inference.text import IncrementalText
+from afina.serving.text import IncrementalText
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,22 @@ def _check_size(prompt: Prompt, context_length: int | None) -> None:
         )
 
 
+def _about_model(error: InferenceError, stream: GenerationStream) -> InferenceError:
+    """A model that cannot be served is an error in the request field that named it."""
+    return InferenceError(
+        error.status_code, error.message, param=stream.model.param, code=error.code
+    )
+
+
 def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling: int) -> Row:
     prompt, params = stream.prompt, stream.params
     _check_size(prompt, base.context_length)
     adapter, vocabulary = NO_ADAPTER, base.vocabulary
     if stream.model.adapter is not None:
-        adapter, vocabulary = models.adapter(base, stream.model.adapter)
+        try:
+            adapter, vocabulary = models.adapter(base, stream.model.adapter)
+        except InferenceError as error:
+            raise _about_model(error, stream) from error
     tokenizer = vocabulary.tokenizer
     ids = prompt_ids(tokenizer, prompt)
     room = ceiling if base.context_length is None else base.context_length - len(ids)
@@ -106,7 +116,7 @@ def serve_batch(models: ModelCache, batch: list[GenerationStream], max_new_token
         base = models.base(batch[0].model.base)
     except InferenceError as error:
         for stream in batch:
-            stream.post(error)
+            stream.post(_about_model(error, stream))
         return
     rows = []
     for stream in batch:

@@ -1,1 +1,0 @@
-"""Serving adapters: one base model shared by its adapters, batched generation."""
