@@ -14,23 +14,20 @@ from afina.api.errors import install_error_handlers
 from afina.api.keys import KeyStore
 from afina.api.limits import ConcurrencyLimit, RequestLimits
 from afina.api.routers import files, fine_tuning, health, inference, models
-from afina.core.disk import sqlite_reserve
 from afina.core.settings import Settings, get_settings
-from afina.core.storage import ArtifactStorage
-from afina.models.session import make_engine, make_session_factory
-from afina.serving.engine import InferenceEngine
-from afina.worker.celery_app import create_celery
-from afina.worker.reconciler import Reconciler
+from afina.services.root import Services
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """The app, on `services` (built from `settings` if not given); it starts their
+    reconciler and closes them when it stops."""
     settings = settings or get_settings()
     # The threads that use the database (the database threads, and anyio's for the routes
     # that are plain functions) and its pool are sized together (see `make_engine`): a
     # thread never waits for a connection another request holds.
-    engine = make_engine(settings.database_url, threads=2 * settings.api_threads)
+    services = services or Services(settings, database_threads=2 * settings.api_threads)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -43,11 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.reconciler.start()
         yield
         # Threads of their own: stopping must not wait for the request threads' places.
-        await anyio.to_thread.run_sync(app.state.reconciler.stop, limiter=CapacityLimiter(1))
-        await anyio.to_thread.run_sync(app.state.inference.close, limiter=CapacityLimiter(1))
         await anyio.to_thread.run_sync(app.state.database.close, limiter=CapacityLimiter(1))
-        app.state.celery.close()
-        engine.dispose()
+        await anyio.to_thread.run_sync(services.close, limiter=CapacityLimiter(1))
 
     app = FastAPI(
         # FastAPI's OpenTelemetry hook looks at the environment on every request when on.
@@ -58,24 +52,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
-    app.state.database = DatabaseThreads(engine, settings.api_threads)
-    app.state.storage = ArtifactStorage(settings.storage_url)
-    app.state.celery = create_celery(settings)
-    app.state.inference = InferenceEngine(settings, app.state.storage)
+    app.state.engine = services.engine
+    app.state.session_factory = services.session_factory
+    app.state.database = DatabaseThreads(services.engine, settings.api_threads)
+    app.state.storage = services.storage
+    app.state.celery = services.celery
+    app.state.inference = services.inference
     # Made (when the disk has room) at start-up, then again by the reconciler's passes once
     # a full disk has had it released.
-    app.state.space_reserve = sqlite_reserve(
-        settings.database_url or "", settings.disk_reserve_bytes
-    )
-    app.state.reconciler = Reconciler(
-        settings,
-        app.state.session_factory,
-        app.state.storage,
-        app.state.celery,
-        space_reserve=app.state.space_reserve,
-    )
+    app.state.space_reserve = services.space_reserve
+    app.state.reconciler = services.reconciler
     install_error_handlers(app)
     # The last added runs first: the limit on requests at once, the body's limits, then the
     # key check, then the app.

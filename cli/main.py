@@ -25,13 +25,10 @@ from afina.api import keys
 from afina.api.asgi import is_loopback
 from afina.api.server import server_config
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
-from afina.core.storage import ArtifactStorage
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine, make_session_factory
-from afina.worker.celery_app import create_celery
-from afina.worker.job_records import WORKER_ID_VARIABLE
-from afina.worker.reconciler import Reconciler
+from afina.worker.process import WORKER_ID_VARIABLE
 
 app = typer.Typer(
     help="afina: self-hosted, OpenAI-compatible QLoRA fine-tuning.",
@@ -201,23 +198,22 @@ def serve(
             "afina: no API key set or stored: open to every process on this machine until "
             "one is (`afina keys create --project P`)"
         )
+    from afina.api.app import create_app  # the API's modules, for this command only
+    from afina.services.root import Services
+
+    # One set of services for the process: the app closes them when it stops, and the
+    # supervisor has a dead worker's job taken back by the app's own reconciler.
+    services = Services(settings, database_threads=2 * settings.api_threads)
+    api = create_app(settings, services)
     worker = None
     if with_worker:
-        reconciler = Reconciler(
-            settings,
-            _session_factory(settings),
-            ArtifactStorage(settings.storage_url or ""),
-            create_celery(settings),
-        )
-        worker = WorkerSupervisor(lambda dead: reconciler.reconcile(dead_worker=dead))
+        worker = WorkerSupervisor(lambda dead: services.reconciler.reconcile(dead_worker=dead))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found. This one turns it into a clean exit that runs the `finally` below.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _exit_cleanly)
     try:
-        config = server_config(
-            "afina.api.app:create_app", settings, factory=True, host=host, port=port
-        )
+        config = server_config(api, settings, host=host, port=port)
         uvicorn.Server(config).run()
     finally:
         if worker is not None:
@@ -225,7 +221,7 @@ def serve(
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:
-    return make_session_factory(make_engine(settings.database_url or ""))
+    return make_session_factory(make_engine(settings.database_url))
 
 
 def _keys_required(settings: Settings) -> bool:
@@ -233,7 +229,7 @@ def _keys_required(settings: Settings) -> bool:
     database that is already there and creates none, so a refused start leaves nothing."""
     if settings.api_keys:
         return True
-    url = make_url(settings.database_url or "")
+    url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
         return False
     try:

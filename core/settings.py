@@ -5,17 +5,24 @@ The defaults give the embedded mode: SQLite, the Celery broker and the artifacts
 """
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 DEFAULT_PROJECT = "default"
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 API_KEY = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as it was sent
+
+
+def _in_data_dir(template: str) -> Callable[[dict[str, Any]], str]:
+    """A default under the data dir, which is declared (so validated) before the fields that
+    use it: the embedded stack needs no URL set."""
+    return lambda data: template.format(data_dir=data.get("data_dir", Path("data").resolve()))
 
 
 class Settings(BaseSettings):
@@ -27,15 +34,16 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="Root of everything the service keeps."
     )
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default SQLite file `{data_dir}/afina.db`."
+    database_url: str = Field(
+        default_factory=_in_data_dir("sqlite:///{data_dir}/afina.db"),
+        description="SQLAlchemy URL; default SQLite file `{data_dir}/afina.db`.",
     )
-    broker_url: str | None = Field(
-        default=None,
+    broker_url: str = Field(
+        default_factory=_in_data_dir("sqla+sqlite:///{data_dir}/broker.db"),
         description="Celery broker URL; default kombu's SQLAlchemy transport on SQLite.",
     )
-    storage_url: str | None = Field(
-        default=None,
+    storage_url: str = Field(
+        default_factory=_in_data_dir("{data_dir}/artifacts"),
         description="Artifact root: a local path or an fsspec URL; default `{data_dir}/artifacts`.",
     )
     allowed_models: Annotated[list[str], NoDecode] = Field(
@@ -190,27 +198,19 @@ class Settings(BaseSettings):
         """{key: project} for the bootstrap keys."""
         return {key: project for project, key in map(split_api_key, self.api_keys)}
 
+    @field_validator("data_dir")
+    @classmethod
+    def absolute(cls, data_dir: Path) -> Path:
+        return data_dir.expanduser().resolve()
+
     @field_validator("database_url")
     @classmethod
-    def use_psycopg3(cls, url: str | None) -> str | None:
+    def use_psycopg3(cls, url: str) -> str:
         """`postgresql://` would pick psycopg2, which afina does not ship; use psycopg 3."""
-        if url is None:
-            return None
         for prefix in ("postgresql://", "postgres://"):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url.removeprefix(prefix)
         return url
-
-    @model_validator(mode="after")
-    def embedded_defaults(self) -> "Settings":
-        self.data_dir = self.data_dir.expanduser().resolve()
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'afina.db'}"
-        if self.broker_url is None:
-            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
-        if self.storage_url is None:
-            self.storage_url = str(self.data_dir / "artifacts")
-        return self
 
 
 def split_api_key(entry: str) -> tuple[str, str]:

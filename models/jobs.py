@@ -24,6 +24,8 @@ from afina.models.base import Base, CreatedAt, utcnow
 
 
 class JobStatus(StrEnum):
+    # OpenAI's status for a job whose files are being checked; afina checks them at upload,
+    # so it never sets it (README, "Fine-tune a model").
     VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
@@ -78,7 +80,6 @@ class Job(CreatedAt, Base):
     attempts: Mapped[int] = mapped_column(default=0)
     # Runs that ended because their worker was lost (killed, crashed, stopped answering).
     lost_workers: Mapped[int] = mapped_column(default=0, server_default="0")
-    task_id: Mapped[str | None] = mapped_column(String(64))
     # Set by the run that holds the job: a run whose id is no longer here writes nothing.
     run_id: Mapped[str | None] = mapped_column(String(32))
     # The worker process that runs (or last ran) it, so that a worker seen to die can be

@@ -14,8 +14,6 @@ arrive while a batch runs form the next one. Different adapters of one base shar
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Any
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
@@ -29,15 +27,6 @@ from afina.serving.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Counted when a batch is taken; adapters as loaded before any request of it starts."""
-
-    batches_done: int = 0
-    largest_batch: int = 0
-    loaded_adapters: tuple[str, ...] = ()
 
 
 def _shutting_down() -> InferenceError:
@@ -54,13 +43,6 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._unavailable: InferenceError | None = None
-        self._stats = EngineStats()
-        self._models: Any = None  # the ModelCache, made by the engine thread
-
-    @property
-    def stats(self) -> EngineStats:
-        loaded = () if self._models is None else self._models.loaded_adapters
-        return replace(self._stats, loaded_adapters=loaded)
 
     def submit(self, model: ModelSpec, prompt: Prompt, params: SamplingParams) -> GenerationStream:
         """Queue a request (on the caller's event loop); its events come on the stream."""
@@ -116,7 +98,7 @@ class InferenceEngine:
                 f"inference is not available on this server: {error}", "inference_unavailable"
             )
             return
-        self._models = models = ModelCache(
+        models = ModelCache(
             storage=self._storage,
             cache_dir=self._settings.data_dir / "cache",
             max_bases=self._settings.max_loaded_base_models,
@@ -125,8 +107,6 @@ class InferenceEngine:
         )
         try:
             while (batch := self._next_batch()) is not None:
-                largest = max(self._stats.largest_batch, len(batch))
-                self._stats = replace(self._stats, largest_batch=largest)
                 try:
                     serve_batch(models, batch, self._settings.max_new_tokens)
                 except Exception:
@@ -134,7 +114,6 @@ class InferenceEngine:
                     failure = internal_error()
                     for stream in batch:
                         stream.post(failure)
-                self._stats = replace(self._stats, batches_done=self._stats.batches_done + 1)
         finally:
             models.close()
 

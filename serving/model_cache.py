@@ -85,11 +85,11 @@ class ModelCache:
             OrderedDict()
         )
         self._names = (f"adapter_{n}" for n in itertools.count())
-        self.loaded_adapters: tuple[str, ...] = ()  # storage keys, least recently used first
 
-    def _note_adapters(self) -> None:
-        # A fresh tuple each change: other threads read it without a lock.
-        self.loaded_adapters = tuple(key for _, key in self._adapters)
+    @property
+    def loaded_adapters(self) -> tuple[str, ...]:
+        """The adapters' storage keys, least recently used first."""
+        return tuple(key for _, key in self._adapters)
 
     def base(self, spec: BaseModelSpec) -> LoadedBase:
         loaded = self._bases.get(spec.key)
@@ -121,7 +121,6 @@ class ModelCache:
         entry = (base.spec.key, spec.key)
         if entry in self._adapters:
             self._adapters.move_to_end(entry)
-            self._note_adapters()
             return self._adapters[entry]
         while len(self._adapters) >= self._max_adapters:
             self._unload_adapter(*next(iter(self._adapters)))
@@ -151,7 +150,6 @@ class ModelCache:
                 code="adapter_load_failed",
             ) from error
         self._adapters[entry] = (name, vocabulary)
-        self._note_adapters()
         logger.info("loaded adapter %s on %s", spec.key, base.spec.model)
         return name, vocabulary
 
@@ -174,7 +172,6 @@ class ModelCache:
 
     def _unload_adapter(self, base_key: tuple[str, str], adapter_key: str) -> None:
         name, _ = self._adapters.pop((base_key, adapter_key))
-        self._note_adapters()
         self._remove_from_model(self._bases[base_key], name)
         logger.info("unloaded adapter %s", adapter_key)
 

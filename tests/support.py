@@ -79,7 +79,7 @@ def assert_error(response, status: int, param: str | None, code: str | None = No
 
 def rows(settings: Settings, table: Any) -> list[Any]:
     """Every row of an ORM class, read in a session of its own."""
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session:
         found = list(session.scalars(select(table)))
     engine.dispose()

@@ -16,10 +16,8 @@ from celery import Celery
 from sqlalchemy.engine import make_url
 
 from afina.core.settings import Settings, get_settings
+from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
 from afina.worker.broker import embedded_broker_url
-
-TRAIN_QUEUE = "train"
-TRAIN_TASK = "afina.train_job"
 
 
 def _ensure_sqlite_directory(broker_url: str) -> None:
@@ -30,7 +28,6 @@ def _ensure_sqlite_directory(broker_url: str) -> None:
 
 
 def create_celery(settings: Settings) -> Celery:
-    assert settings.broker_url is not None
     _ensure_sqlite_directory(settings.broker_url)
     # The SQLite broker through afina's channel, which gets over a full disk (worker.broker).
     broker = embedded_broker_url(settings.broker_url)

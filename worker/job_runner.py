@@ -1,31 +1,29 @@
 """One training job from the worker's side: claim it, train (from the trainer state an
 earlier run kept, if there is one), and record how it ended.
 
-Every state change is a conditional UPDATE, so the database settles races: a job cancelled
-while it trains stays cancelled, a message delivered twice starts a job only once, and a run
-whose job was taken back (its worker was thought lost, see `worker.reconciler`) changes
+Every state change goes through `jobs.lifecycle`, as a conditional UPDATE: a run whose job
+was taken back (its worker was thought lost, see `jobs.reconciler`) or cancelled changes
 nothing. Any failure inside the run ends the job `failed` with an error a user can act on.
 
 A run that meets a full disk (a checkpoint or the adapter that cannot be written) does not
 fail for it at once: it frees its scratch space, waits for the disk to have
 `AFINA_MIN_FREE_BYTES` free again, for up to `AFINA_DISK_FULL_WAIT_SECONDS`, and goes on
-from its last checkpoint (the database's own writes wait in place, see `job_records`). Only a
+from its last checkpoint (the database's own writes wait in place, see `jobs.retry`). Only a
 disk that stays full fails the job, with `disk_full`.
 """
 
 import gc
 import logging
-import secrets
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,17 +39,13 @@ from afina.core.storage import (
     staged_adapter_key,
     tokenized_key,
 )
-from afina.models import Job, JobStatus, new_event
-from afina.models.base import utcnow
-from afina.worker.job_records import (
-    Heartbeat,
-    JobRecorder,
-    held_by,
-    hold,
-    retried,
-    shutdown_requested,
-    this_worker,
-)
+from afina.jobs import lifecycle
+from afina.jobs.retry import retried
+from afina.jobs.run import Run
+from afina.models import Job
+from afina.worker.heartbeat import Heartbeat
+from afina.worker.process import shutdown_requested, this_worker
+from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
 
@@ -76,17 +70,14 @@ class WorkerContext:
 
     @property
     def disk_full_wait(self) -> float:
-        """How long a write meeting a full disk is tried again (`job_records.retried`)."""
+        """How long a write meeting a full disk is tried again (`jobs.retry`)."""
         return self.settings.disk_full_wait_seconds
 
     def directories(self) -> list[Path]:
         """The local directories a run writes to, one per disk."""
         settings = self.settings
         return local_directories(
-            settings.data_dir,
-            settings.database_url or "",
-            settings.broker_url or "",
-            settings.storage_url or "",
+            settings.data_dir, settings.database_url, settings.broker_url, settings.storage_url
         )
 
 
@@ -94,46 +85,17 @@ def _job_workdir(context: WorkerContext, job_id: str) -> Path:
     return context.settings.data_dir / "work" / job_id
 
 
-def _workdir(context: WorkerContext, job: Job) -> Path:
+def workdir(context: WorkerContext, run: Run) -> Path:
     """The run's scratch space. Its own, not the job's: workers may share the data dir, and a
     run whose job was taken back may still be going while the next run of the job starts."""
-    return _job_workdir(context, job.id) / (job.run_id or "")
+    return _job_workdir(context, run.job_id) / run.run_id
 
 
-@retried
-def _transition(context: WorkerContext, job: Job, event: str, **values: Any) -> bool:
-    """Move the job to new values, with an event, if this run still holds it."""
-    level = "error" if values.get("status") == JobStatus.FAILED else "info"
+def claim(context: WorkerContext, job_id: str) -> tuple[Job, Run] | None:
+    """Start a run of the job if it is still queued: the job as it starts, and the run."""
     with context.session_factory.begin() as session:
-        changed = session.execute(
-            update(Job).where(held_by(job.id, job.run_id or "")).values(**values)
-        ).rowcount
-        if changed:
-            session.add(new_event(job.id, event, level=level, data=values.get("error")))
-    return bool(changed)
-
-
-def _claim(context: WorkerContext, job_id: str, task_id: str | None) -> Job | None:
-    now = utcnow()
-    with context.session_factory.begin() as session:
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=Job.attempts + 1,
-                task_id=task_id,
-                run_id=secrets.token_hex(16),
-                worker=this_worker(),
-                heartbeat_at=now,
-                started_at=func.coalesce(Job.started_at, now),
-            )
-        ).rowcount
-        if not claimed:
-            return None
-        job = session.get_one(Job, job_id)
-        session.add(new_event(job_id, f"Job started (attempt {job.attempts})"))
-        return job
+        run = lifecycle.claim(session, job_id, this_worker())
+        return None if run is None else (session.get_one(Job, job_id), run)
 
 
 def _dataset_opener(context: WorkerContext, file_id: str, param: str) -> Callable[[], BinaryIO]:
@@ -152,16 +114,16 @@ def _resume_point(context: WorkerContext, job: Job, recorder: JobRecorder) -> Pa
     if step is None:
         return None
     recorder.event(f"Resuming from the checkpoint saved at step {step}", data={"step": step})
-    cache = _workdir(context, job) / "resume"
+    cache = workdir(context, recorder.run) / "resume"
     return context.storage.local_directory(resume_key(job.id, step), cache)
 
 
-def _tokenized(context: WorkerContext, job: Job) -> Path | None:
+def _tokenized(context: WorkerContext, run: Run) -> Path | None:
     """The datasets an earlier run of this job tokenized, as a local directory."""
-    if not context.storage.names(tokenized_key(job.id)):
+    if not context.storage.names(tokenized_key(run.job_id)):
         return None
-    cache = _workdir(context, job) / "kept"
-    return context.storage.local_directory(tokenized_key(job.id), cache)
+    cache = workdir(context, run) / "kept"
+    return context.storage.local_directory(tokenized_key(run.job_id), cache)
 
 
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
@@ -174,97 +136,81 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         validation_data=(
             _dataset_opener(context, validation, "validation_file") if validation else None
         ),
-        workdir=_workdir(context, job),
+        workdir=workdir(context, recorder.run),
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
         resume_from=_resume_point(context, job, recorder),
-        tokenized_from=_tokenized(context, job),
+        tokenized_from=_tokenized(context, recorder.run),
     )
     return train(run, recorder)
 
 
-def _stopped(context: WorkerContext, job: Job, steps: int) -> bool:
+def stopped(context: WorkerContext, run: Run, steps: int) -> bool:
     """Record why a run stopped before its end; True when the job went back to the queue
     (the worker is shutting down), so that the task hands its message back."""
-    if shutdown_requested.is_set():
-        resume_step = latest_resume_step(context.storage, job.id) or 0
-        resumes = f" and resumes from step {resume_step}" if resume_step else ""
-        if _transition(
-            context,
-            job,
-            f"Worker shut down at step {steps}: the job is queued again{resumes}",
-            status=JobStatus.QUEUED,
-            run_id=None,
-            # The task hands its message back; should the worker die before it does, the
-            # reconciler sends another (a second message is harmless).
-            enqueued_at=None,
-            steps_done=resume_step,
-            epoch=None,
-            estimated_finish=None,
-        ):
-            return True
-    # The run no longer holds the job: these events are written all the same, to say why.
+    if shutdown_requested.is_set() and _requeue(context, run, steps):
+        return True
+    # The run no longer holds the job: this event is written all the same, to say why.
     with context.session_factory.begin() as session:
-        status = session.scalar(select(Job.status).where(Job.id == job.id))
-        if status == JobStatus.CANCELLED:
-            session.add(
-                new_event(job.id, f"Training stopped at step {steps}: the job was cancelled")
-            )
-        else:
-            session.add(
-                new_event(
-                    job.id,
-                    f"Training stopped at step {steps}: the job was taken from this run, "
-                    "whose worker's heartbeat was late",
-                    level="warn",
-                )
-            )
+        lifecycle.stopped(session, run.job_id, steps)
     return False
 
 
-def _finish(
+@retried
+def _requeue(context: WorkerContext, run: Run, steps: int) -> bool:
+    resume_step = latest_resume_step(context.storage, run.job_id) or 0
+    resumes = f" and resumes from step {resume_step}" if resume_step else ""
+    with context.session_factory.begin() as session:
+        # The task hands its message back; should the worker die before it does, the
+        # reconciler sends another (a second message is harmless).
+        return lifecycle.requeue(
+            session,
+            run.job_id,
+            run.holds(),
+            f"Worker shut down at step {steps}: the job is queued again{resumes}",
+            resume_step=resume_step,
+        )
+
+
+def finish(
     context: WorkerContext, job: Job, recorder: JobRecorder, outcome: TrainingOutcome
 ) -> bool:
     """Record how the run ended; True when the job went back to the queue."""
+    run = recorder.run
     if outcome.adapter_dir is None:
-        return _stopped(context, job, outcome.steps)
+        return stopped(context, run, outcome.steps)
     if not recorder.held():  # cancelled, or taken back: the adapter is not this run's to save
-        return _stopped(context, job, outcome.steps)
-    staged = staged_adapter_key(job.id, job.run_id or "")
+        return stopped(context, run, outcome.steps)
+    staged = staged_adapter_key(run.job_id, run.run_id)
     try:
         context.storage.put_directory(outcome.adapter_dir, staged)
-        _succeed(context, job, outcome, staged)
+        _succeed(context, job, run, outcome, staged)
     finally:
         context.storage.delete(staged)  # moved into place, or this run's to throw away
     return False
 
 
-def _succeed(context: WorkerContext, job: Job, outcome: TrainingOutcome, staged: str) -> None:
+def _succeed(
+    context: WorkerContext, job: Job, run: Run, outcome: TrainingOutcome, staged: str
+) -> None:
     """Move the staged adapter into place and mark the job succeeded, in one transaction
     that holds the job (its row, or SQLite's write lock) from the check to the commit: no
     other run can take the job meanwhile. A run that lost its job (while uploading) moves
     nothing: the job's adapter stays the one of the run that finished it, if any."""
     name = job.fine_tuned_model_name()
-    values: dict[str, Any] = {
-        "status": JobStatus.SUCCEEDED,
-        "fine_tuned_model": name,
-        "trained_tokens": outcome.trained_tokens,
-        "config": outcome.config.model_dump(mode="json"),
-        "finished_at": utcnow(),
-        "estimated_finish": None,
-    }
     with context.session_factory.begin() as session:
-        if not hold(session, job.id, job.run_id or ""):
+        if not lifecycle.heartbeat(session, run):
             return
         # Replaces only what a run whose success never committed left there.
-        context.storage.move(staged, adapter_key(job.id))
-        session.execute(update(Job).where(held_by(job.id, job.run_id or "")).values(**values))
-        session.add(
-            new_event(
-                job.id,
-                f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
-                f"the adapter is served as {name}",
-            )
+        context.storage.move(staged, adapter_key(run.job_id))
+        lifecycle.succeed(
+            session,
+            run,
+            f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
+            f"the adapter is served as {name}",
+            fine_tuned_model=name,
+            trained_tokens=outcome.trained_tokens,
+            config=outcome.config.model_dump(mode="json"),
         )
 
 
@@ -281,7 +227,7 @@ def _out_of_space(context: WorkerContext, error: BaseException) -> bool:
         return False
 
 
-def _wait_for_space(context: WorkerContext, job: Job, recorder: JobRecorder) -> str:
+def _wait_for_space(context: WorkerContext, recorder: JobRecorder) -> str:
     """Wait for every disk of the run to have `min_free_bytes` free: "space" once they have,
     "stopped" once the run must stop (cancelled, taken back, the worker stopping), "timeout"
     after `disk_full_wait_seconds`."""
@@ -293,11 +239,11 @@ def _wait_for_space(context: WorkerContext, job: Job, recorder: JobRecorder) -> 
         f"{settings.min_free_bytes / MiB:.0f} MiB to be free (for up to "
         f"{settings.disk_full_wait_seconds:.0f} s), then goes on from its last checkpoint"
     )
-    logger.warning("job %s: %s", job.id, message)
+    logger.warning("job %s: %s", recorder.job_id, message)
     try:  # the database may be on that disk: one try, the wait does not hang on it
         recorder.event_once(message, level="warn", data={"step": step})
     except Exception as error:
-        logger.warning("could not record that job %s waits for space (%r)", job.id, error)
+        logger.warning("could not record that job %s waits for space (%r)", recorder.job_id, error)
     deadline = time.monotonic() + settings.disk_full_wait_seconds
     next_held_check = time.monotonic() + HELD_POLL_SECONDS
     while True:
@@ -307,7 +253,7 @@ def _wait_for_space(context: WorkerContext, job: Job, recorder: JobRecorder) -> 
             next_held_check = time.monotonic() + HELD_POLL_SECONDS
             try:
                 with context.session_factory.begin() as session:
-                    if not hold(session, job.id, job.run_id or ""):
+                    if not lifecycle.heartbeat(session, recorder.run):
                         return "stopped"
             except SQLAlchemyError:
                 pass  # the database's disk is full too: the job is still this run's
@@ -336,14 +282,14 @@ def _run(context: WorkerContext, job: Job, recorder: JobRecorder) -> bool:
     restarts, checkpoint = 0, latest_resume_step(context.storage, job.id)
     while True:
         try:
-            return _finish(context, job, recorder, _train(context, job, recorder))
+            return finish(context, job, recorder, _train(context, job, recorder))
         except Exception as error:
             # The database's writes have waited for space already (`retried`).
             if isinstance(error, SQLAlchemyError) or not _out_of_space(context, error):
                 raise
             logger.warning("job %s: a write met a full disk: %s", job.id, error)
         # Out of the `except`: the error, and the trainer its traceback holds, are let go.
-        shutil.rmtree(_workdir(context, job), ignore_errors=True)
+        shutil.rmtree(workdir(context, recorder.run), ignore_errors=True)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -352,34 +298,29 @@ def _run(context: WorkerContext, job: Job, recorder: JobRecorder) -> bool:
         checkpoint = newest
         if restarts > MAX_DISK_FULL_RESTARTS:
             raise _disk_stayed_full(context)
-        waited = _wait_for_space(context, job, recorder)
+        waited = _wait_for_space(context, recorder)
         if waited == "stopped":
-            return _stopped(context, job, recorder.steps_done)
+            return stopped(context, recorder.run, recorder.steps_done)
         if waited == "timeout":
             raise _disk_stayed_full(context)
 
 
-def _fail(context: WorkerContext, job: Job, failure: TrainingFailure) -> None:
-    _transition(
-        context,
-        job,
-        f"Job failed: {failure.message}",
-        status=JobStatus.FAILED,
-        error=failure.as_error(),
-        finished_at=utcnow(),
-        estimated_finish=None,
-    )
+@retried
+def fail(context: WorkerContext, run: Run, failure: TrainingFailure) -> bool:
+    """End the job `failed`, if the run still holds it."""
+    with context.session_factory.begin() as session:
+        return lifecycle.fail(
+            session, run.job_id, run.holds(), failure.as_error(), f"Job failed: {failure.message}"
+        )
 
 
 def _clean_up_if_ended(context: WorkerContext, job_id: str) -> None:
-    """Remove what was kept to resume the job once it has ended for good: the trainer state,
-    the tokenized datasets, and the job's scratch folder (with what runs killed before their
-    end left in it)."""
+    """Once the job has ended for good (whoever ended it): what its end cleans up, and the
+    job's scratch folder (with what runs killed before their end left in it)."""
     with context.session_factory() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None or status.is_final:
-        context.storage.delete(resume_key(job_id))
-        context.storage.delete(tokenized_key(job_id))
+        lifecycle.ended(context.storage, job_id)
         shutil.rmtree(_job_workdir(context, job_id), ignore_errors=True)
 
 
@@ -410,27 +351,25 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
 
 
-def run_job(context: WorkerContext, job_id: str, *, task_id: str | None = None) -> bool:
+def run_job(context: WorkerContext, job_id: str) -> bool:
     """Train the job if it is still queued. True when it went back to the queue because the
     worker is shutting down: its message must go back to the broker too."""
-    job = _claim(context, job_id, task_id)
-    if job is None:
+    claimed = claim(context, job_id)
+    if claimed is None:
         logger.info("job %s is not queued (cancelled, or already taken): skipped", job_id)
         return False
-    run_id = job.run_id or ""
-    recorder = JobRecorder(
-        context.session_factory, context.storage, job.id, run_id, context.disk_full_wait
-    )
+    job, run = claimed
+    recorder = JobRecorder(context.session_factory, context.storage, run, context.disk_full_wait)
     requeued = False
     try:
-        with Heartbeat(context.session_factory, job.id, run_id, context.settings.heartbeat_seconds):
+        with Heartbeat(context.session_factory, run, context.settings.heartbeat_seconds):
             try:
                 requeued = _run(context, job, recorder)
             except Exception as error:
                 logger.exception("job %s failed", job.id)
-                _fail(context, job, _as_failure(error))
+                fail(context, run, _as_failure(error))
     finally:
-        shutil.rmtree(_workdir(context, job), ignore_errors=True)
+        shutil.rmtree(workdir(context, run), ignore_errors=True)
         try:
             _clean_up_if_ended(context, job.id)
         except Exception:

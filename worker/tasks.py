@@ -1,10 +1,11 @@
 """Celery tasks: thin wrappers that hand a job id to the job runner.
 
-A task hands its message back to the broker only when its worker stops: on a full disk (the
-embedded broker shares the data dir's disk) or with the broker away, handing it back fails,
-and the message is lost, and a message that could not be acknowledged or rejected keeps the
-worker from taking any other (prefetch 1). A job that cannot be claimed because the database
-fails keeps its message in the worker, which tries the claim again until it goes through.
+A task hands its message back to the broker when its worker stops. A job that cannot be
+claimed because the database fails is tried again later with Celery's retry: a copy of the
+message, due after a pause that doubles up to `CLAIM_RETRY_LONGEST_SECONDS`, replaces this
+one. Should the broker not take the copy (the embedded broker shares the data dir's disk,
+which may be full), Celery drops the message; the job stays `queued`, and the reconciler
+sends it another once the training queue has been empty for a while (`jobs.reconciler`).
 """
 
 import logging
@@ -14,16 +15,13 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 from afina.core.settings import get_settings
-from afina.core.storage import ArtifactStorage
-from afina.models import Job, JobStatus
-from afina.models.session import make_engine, make_session_factory
-from afina.worker.celery_app import TRAIN_TASK
-from afina.worker.job_records import shutdown_requested
+from afina.jobs.queue import TRAIN_TASK, handed_back
+from afina.services.root import Services
 from afina.worker.job_runner import WorkerContext, run_job
+from afina.worker.process import shutdown_requested
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +33,9 @@ CLAIM_RETRY_LONGEST_SECONDS = 30.0
 
 @lru_cache
 def _context() -> WorkerContext:
-    settings = get_settings()
-    return WorkerContext(
-        settings=settings,
-        session_factory=make_session_factory(make_engine(settings.database_url or "")),
-        storage=ArtifactStorage(settings.storage_url or ""),
-    )
+    """The worker process's services, built at its first task and kept until it exits."""
+    services = Services(get_settings())
+    return WorkerContext(services.settings, services.session_factory, services.storage)
 
 
 @worker_shutting_down.connect
@@ -49,30 +44,30 @@ def _stop_training(**_: Any) -> None:
     shutdown_requested.set()
 
 
-@shared_task(name=TRAIN_TASK, bind=True)
+@shared_task(name=TRAIN_TASK, bind=True, max_retries=None)
 def train_job(self: Task, job_id: str) -> None:
     # A worker that is stopping neither starts a job nor drops its message: both go back.
     if shutdown_requested.is_set():
         raise Reject(reason="the worker is shutting down", requeue=True)
-    delay = CLAIM_RETRY_DELAY_SECONDS
-    while True:
-        try:
-            requeued = run_job(_context(), job_id, task_id=self.request.id)
-            break
-        except SQLAlchemyError as error:
-            # Raised before the job was claimed, or by a run that could not record its end
-            # (then the job is no longer queued, and the next try finds it so). A job still
-            # `queued` has had its message sent: dropping it would leave the job there.
-            logger.warning(
-                "could not claim job %s (%s); trying again in %.0f s",
-                job_id,
-                type(error).__name__,
-                delay,
-            )
-            if shutdown_requested.wait(delay):
-                _hand_back(job_id)
-                raise Reject(reason="the worker is shutting down", requeue=True) from error
-            delay = min(2 * delay, CLAIM_RETRY_LONGEST_SECONDS)
+    try:
+        requeued = run_job(_context(), job_id)
+    except SQLAlchemyError as error:
+        # Raised before the job was claimed, or by a run that could not record its end (then
+        # the job is no longer queued, and the next try finds it so). A job still `queued`
+        # has had its message sent: dropping it would leave the job there.
+        if shutdown_requested.is_set():
+            _hand_back(job_id)
+            raise Reject(reason="the worker is shutting down", requeue=True) from error
+        delay = min(
+            CLAIM_RETRY_DELAY_SECONDS * 2**self.request.retries, CLAIM_RETRY_LONGEST_SECONDS
+        )
+        logger.warning(
+            "could not claim job %s (%s); trying again in %.0f s",
+            job_id,
+            type(error).__name__,
+            delay,
+        )
+        raise self.retry(exc=error, countdown=delay) from error
     if requeued:
         raise Reject(reason="the worker is shutting down", requeue=True)
 
@@ -83,10 +78,6 @@ def _hand_back(job_id: str) -> None:
     back. Best effort: the database has just failed."""
     try:
         with _context().session_factory.begin() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                .values(enqueued_at=None)
-            )
+            handed_back(session, job_id)
     except SQLAlchemyError as error:
         logger.warning("could not mark job %s as without a message (%r)", job_id, error)

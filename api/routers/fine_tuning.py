@@ -7,7 +7,7 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy import Connection, bindparam, delete, update
+from sqlalchemy import Connection, bindparam
 
 from afina.api.deps import (
     DbDep,
@@ -42,19 +42,16 @@ from afina.core import base_models
 from afina.core.disk import freeing_space, is_disk_full
 from afina.core.ids import new_id
 from afina.core.job_config import resolve_config
-from afina.core.storage import resume_key
+from afina.jobs import lifecycle
+from afina.jobs.queue import enqueue
 from afina.models import (
-    UNFINISHED,
     File,
     Job,
     JobCheckpoint,
     JobEvent,
     JobMetric,
     JobStatus,
-    new_event,
 )
-from afina.models.base import utcnow
-from afina.worker.enqueue import enqueue
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*KEYED)
@@ -140,16 +137,13 @@ def create_job(
             param="suffix" if body.suffix else "model",
             code="name_too_long",
         )
-    db.add(job)
-    db.flush()  # the job row first: events point at it
-    db.add(
-        new_event(
-            job.id,
-            f"Validated training file {training.id}: {training.num_examples} "
-            f"{training.format} examples",
-        )
+    lifecycle.create(
+        db,
+        job,
+        f"Validated training file {training.id}: {training.num_examples} "
+        f"{training.format} examples",
+        "Job queued",
     )
-    db.add(new_event(job.id, "Job queued"))
     db.commit()
     try:
         enqueue(queue, db, job.id)
@@ -158,7 +152,7 @@ def create_job(
         db.rollback()
 
         def forget() -> None:
-            db.execute(delete(Job).where(Job.id == job.id))
+            lifecycle.discard(db, job.id)
             db.commit()
 
         freeing_space(forget, reserve, db.rollback)
@@ -210,21 +204,14 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep, reserve: ReserveDe
     # It works on a full disk, and frees the state kept to resume the job: should the
     # database not take the change, the space kept aside for that is released, and it is
     # tried again.
-    def cancel() -> int:
-        # One conditional UPDATE decides against the worker finishing the job at once.
-        cancelled = db.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status.in_(UNFINISHED))
-            .values(status=JobStatus.CANCELLED, finished_at=utcnow(), estimated_finish=None)
-        ).rowcount
-        if cancelled:
-            db.add(new_event(job.id, "Job cancelled"))
+    def cancel() -> bool:
+        cancelled = lifecycle.cancel(db, job.id)
         db.commit()
         return cancelled
 
     cancelled = freeing_space(cancel, reserve, db.rollback)
     if cancelled:  # a job waiting to resume keeps nothing of its runs
-        storage.delete(resume_key(job.id))
+        lifecycle.ended(storage, job.id)
     db.refresh(job)
     if not cancelled:
         raise APIError(

@@ -34,9 +34,9 @@ def _storage(storage: ArtifactStorage, settings: Settings) -> str:
         return f"not writable: {reason}"
     directories = local_directories(
         settings.data_dir,
-        settings.database_url or "",
-        settings.broker_url or "",
-        settings.storage_url or "",
+        settings.database_url,
+        settings.broker_url,
+        settings.storage_url,
     )
     try:
         full = nearly_full(directories, settings.min_free_bytes)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 
 from afina.api.errors import KEYED, APIError, error_body, error_responses
@@ -152,9 +152,9 @@ async def _finish(request: Request, stream: GenerationStream) -> GeneratedText:
     return await _while_connected(request, stream, stream.completion())
 
 
-def _sse(payload: Chunk | str) -> str:
+def _sse(payload: Chunk | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
+    return format_sse_event(data_str=data)
 
 
 def _event_stream(
@@ -163,8 +163,8 @@ def _event_stream(
     opening: list[Chunk],
     delta: Callable[[str], Chunk],
     closing: Callable[[Finished], list[Chunk]],
-) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
+) -> EventSourceResponse:
+    async def events() -> AsyncIterator[bytes]:
         try:
             for chunk in opening:
                 yield _sse(chunk)
@@ -183,7 +183,7 @@ def _event_stream(
             stream.cancel()  # the client went away: the engine drops the row
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return EventSourceResponse(events(), headers=headers)
 
 
 def _identity(prefix: str, model: ModelSpec) -> Chunk:
@@ -201,7 +201,7 @@ def _openai_stream(
     choice: Callable[[str | None, str | None], Chunk],
     options: StreamOptions | None,
     opening: Chunk | None = None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """OpenAI's chunks: one choice per delta, the finish reason in a last choice, then the
     usage in a chunk with no choice if `stream_options.include_usage` asks for it."""
 

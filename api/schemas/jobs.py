@@ -100,7 +100,9 @@ class JobObject(BaseModel):
     created_at: int
     finished_at: int | None
     estimated_finish: int | None
-    status: JobStatus
+    status: JobStatus = Field(
+        description="Never `validating_files` (OpenAI's): afina checks files at upload."
+    )
     model: str
     fine_tuned_model: str | None
     organization_id: str = Field(description="The project that owns the job.")

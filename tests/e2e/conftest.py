@@ -44,8 +44,8 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         **os.environ,
         "AFINA_DATA_DIR": str(settings.data_dir),
-        "AFINA_DATABASE_URL": settings.database_url or "",
-        "AFINA_BROKER_URL": settings.broker_url or "",
+        "AFINA_DATABASE_URL": settings.database_url,
+        "AFINA_BROKER_URL": settings.broker_url,
         "AFINA_API_KEYS": "",
         "AFINA_WORKER_TIMEOUT_SECONDS": str(settings.worker_timeout_seconds),
     }

@@ -32,7 +32,7 @@ def settings(database_url: str, tmp_path) -> Settings:
 
 
 def adapter_weights(settings: Settings, job_id: str) -> dict:
-    artifacts = Path(settings.storage_url or "") / adapter_key(job_id)
+    artifacts = Path(settings.storage_url) / adapter_key(job_id)
     return load_file(artifacts / "adapter_model.safetensors")
 
 

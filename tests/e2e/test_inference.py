@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer
 from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key
+from afina.serving import batch
 from tests.e2e.conftest import wait_for_job
 from tests.support import LOCAL, assert_error, jsonl, serve_in_thread, upload
 
@@ -78,6 +80,39 @@ def serving(stack: Settings, **overrides: Any) -> Iterator[tuple[str, FastAPI]]:
     app = create_app(stack.model_copy(update=overrides))
     with serve_in_thread(app) as url:
         yield url, app
+
+
+@dataclass
+class Batches:
+    """The batches an engine served: their sizes, and the adapters loaded after each."""
+
+    sizes: list[int] = field(default_factory=list)
+    running: int = 0
+    loaded_adapters: tuple[str, ...] = ()
+
+    @property
+    def done(self) -> int:
+        return len(self.sizes) - self.running
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Batches:
+    """What the batches of the engines started in this test were (an engine takes
+    `serve_batch` when its thread starts, at its first request)."""
+    seen = Batches()
+    serve_batch = batch.serve_batch
+
+    def recording(models: Any, streams: list[Any], max_new_tokens: int) -> None:
+        seen.sizes.append(len(streams))
+        seen.running += 1
+        try:
+            serve_batch(models, streams, max_new_tokens)
+        finally:
+            seen.loaded_adapters = models.loaded_adapters
+            seen.running -= 1
+
+    monkeypatch.setattr(batch, "serve_batch", recording)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +288,7 @@ def test_a_base_model_and_a_checkpoint_are_called_by_name(client, trained, demo_
     assert checkpoint.model == f"{job_id}:ckpt-step-12"
 
 
-def test_a_mixed_batch_gives_each_request_what_it_gets_alone(stack, trained):
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(stack, trained, batches):
     requests = [
         ("yes", {"messages": ask("Is the sea wet?")}),
         ("no", {"messages": ask("Is the sea wet?")}),
@@ -271,10 +306,11 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(stack, trained):
         assert response.status_code == 200, response.text
         return response.json()
 
-    with serving(stack, max_batch_size=1) as (url, app):
+    with serving(stack, max_batch_size=1) as (url, _):
         alone = [call(url, answer, body) for answer, body in requests]
-        assert app.state.inference.stats.largest_batch == 1
-    with serving(stack, batch_window_ms=2000) as (url, app):
+    assert max(batches.sizes) == 1
+    batches.sizes.clear()
+    with serving(stack, batch_window_ms=2000) as (url, _):
         together: list[dict] = [{}] * len(requests)
 
         def run(index: int) -> None:
@@ -285,13 +321,13 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(stack, trained):
             thread.start()
         for thread in threads:
             thread.join()
-        assert app.state.inference.stats.largest_batch == len(requests)
+    assert max(batches.sizes) == len(requests)
     assert together == alone
     assert [alone[0]["text"], alone[1]["text"]] == ["yes", "no"]
 
 
-def test_the_adapter_cache_keeps_at_most_its_bound(stack, trained):
-    with serving(stack, max_loaded_adapters=1) as (url, app):
+def test_the_adapter_cache_keeps_at_most_its_bound(stack, trained, batches):
+    with serving(stack, max_loaded_adapters=1) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answers = []
         for answer in ("yes", "no", "yes"):
@@ -300,13 +336,11 @@ def test_the_adapter_cache_keeps_at_most_its_bound(stack, trained):
                 model=job["fine_tuned_model"], messages=ask("Is the sea wet?"), **GREEDY
             )
             answers.append(reply.choices[0].message.content)
-            assert app.state.inference.stats.loaded_adapters == (adapter_key(job["id"]),)
+            assert batches.loaded_adapters == (adapter_key(job["id"]),)
     assert answers == ["yes", "no", "yes"]
 
 
-def test_health_answers_while_a_generation_runs(server, trained, demo_model):
-    url, app = server
-    before = app.state.inference.stats.batches_done
+def test_health_answers_while_a_generation_runs(stack, trained, demo_model, batches):
     body = {
         "model": str(demo_model),
         "prompt": "Tell me a long story.",
@@ -316,12 +350,15 @@ def test_health_answers_while_a_generation_runs(server, trained, demo_model):
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as response:
+    with (
+        serving(stack) as (url, _),
+        httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as response,
+    ):
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the first token is out: the batch runs
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/v1/fine_tuning/jobs").status_code == 200
-        running = app.state.inference.stats.batches_done == before
+        running = batches.done == 0
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert running, "health and job polling waited for the generation to end"
     assert events[-1]["usage"]["completion_tokens"] == 480
@@ -365,7 +402,7 @@ def test_completions_default_to_16_tokens_within_the_servers_ceiling(stack, trai
         assert usage["completion_tokens"] == 8
 
 
-def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack, trained):
+def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack, trained, batches):
     body = {
         "model": trained["no"]["fine_tuned_model"],
         "prompt": "One, two, three,",
@@ -377,7 +414,7 @@ def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack
         url_body = {**body, "temperature": temperature}
         answers[temperature] = httpx.post(f"{url}/generate", json=url_body, timeout=60)
 
-    with serving(stack, batch_window_ms=2000) as (url, app):
+    with serving(stack, batch_window_ms=2000) as (url, _):
         # 1e-40 is subnormal in float32; 1e-46 underflows to 0 there; 5e-324 is the smallest
         # double.
         temperatures = (0, 1e-40, 1e-46, 5e-324)
@@ -386,7 +423,7 @@ def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack
             thread.start()
         for thread in threads:
             thread.join()
-        assert app.state.inference.stats.largest_batch == len(temperatures)
+    assert max(batches.sizes) == len(temperatures)
     assert [answers[t].status_code for t in temperatures] == [200] * len(temperatures)
     assert {answers[t].json()["text"] for t in temperatures} == {answers[0].json()["text"]}
 

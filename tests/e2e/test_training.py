@@ -118,7 +118,7 @@ def test_a_job_trains_to_success_and_keeps_its_record(api, stack, demo_model):
     assert len([m for m in rows(stack, JobMetric) if m.job_id == job_id]) == 32
     assert len([c for c in rows(stack, JobCheckpoint) if c.job_id == job_id]) == 2
 
-    artifacts = Path(stack.storage_url or "")
+    artifacts = Path(stack.storage_url)
     for step in (16, 32):
         assert (artifacts / checkpoint_key(job_id, step) / "adapter_model.safetensors").is_file()
     adapter = artifacts / adapter_key(job_id)
@@ -175,7 +175,7 @@ def test_a_cancelled_running_job_stops_within_a_couple_of_steps(api, stack, demo
     (stopped,) = [m for m in messages(api, job["id"]) if m.startswith("Training stopped")]
     step = int(stopped.split()[4].rstrip(":"))
     assert at_cancel <= step <= at_cancel + 2, (at_cancel, stopped)
-    assert not (Path(stack.storage_url or "") / adapter_key(job["id"])).exists()
+    assert not (Path(stack.storage_url) / adapter_key(job["id"])).exists()
 
 
 def test_a_job_with_nothing_left_to_learn_fails_naming_the_setting(api, stack, demo_model):

@@ -50,7 +50,7 @@ def test_a_stopped_worker_requeues_its_job_for_the_next(database_url, tmp_path, 
         assert not any(m.startswith("Job started (attempt 2)") for m in events), events
         checkpoints = api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
         assert checkpoints[0]["step_number"] == saved
-        assert (Path(settings.storage_url or "") / resume_key(job_id, saved)).is_dir()
+        assert (Path(settings.storage_url) / resume_key(job_id, saved)).is_dir()
 
         with worker_process(settings):
             wait_until(
@@ -66,4 +66,4 @@ def test_a_stopped_worker_requeues_its_job_for_the_next(database_url, tmp_path, 
         assert "Job started (attempt 2)" in events
         assert f"Resuming from the checkpoint saved at step {saved}" in events
         assert any(m.startswith(f"Training resumed at step {saved} of 100000") for m in events)
-        assert not (Path(settings.storage_url or "") / resume_key(job_id)).exists()
+        assert not (Path(settings.storage_url) / resume_key(job_id)).exists()

@@ -30,13 +30,14 @@ from afina.core.disk import MiB, SpaceReserve
 from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, file_key, resume_key
+from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
 from afina.models import File, Job, JobEvent, JobStatus
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine, make_session_factory
 from afina.worker import broker, job_runner
-from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
-from afina.worker.job_records import JobRecorder
+from afina.worker.celery_app import create_celery
 from afina.worker.job_runner import WorkerContext, run_job
+from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.sft import TrainingOutcome
 from tests.support import (
     JOB_CONFIG,
@@ -72,7 +73,7 @@ def settings_on(disk: Path, **overrides: object) -> Settings:
     broker, the artifacts."""
     fields = {"min_free_bytes": MIN_FREE, "disk_reserve_bytes": RESERVE, **overrides}
     settings = Settings(_env_file=None, data_dir=disk, api_keys=[], **fields)
-    upgrade_database(settings.database_url or "")
+    upgrade_database(settings.database_url)
     return settings
 
 
@@ -89,13 +90,13 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 def stored_files(settings: Settings) -> list[str]:
     """Every name under the artifact store's files/, whole or being written."""
-    files = Path(settings.storage_url or "") / "files"
+    files = Path(settings.storage_url) / "files"
     return sorted(path.name for path in files.iterdir()) if files.exists() else []
 
 
 def queued_job(settings: Settings, training_file: str) -> str:
     """A job as the API stores it, queued (no worker takes it here)."""
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     job = Job(
         id=new_id("ftjob"),
         project="default",
@@ -126,7 +127,7 @@ def test_an_upload_on_a_full_disk_is_507_and_stores_nothing(client, settings, di
 def test_an_upload_whose_row_does_not_fit_is_507_and_leaves_no_content(client, settings, disk):
     """The content fits in the last page left; the database, out of room, refuses the row."""
     filler = fill_disk(disk)
-    exhaust_sqlite(settings.database_url or "")
+    exhaust_sqlite(settings.database_url)
     os.truncate(filler, filler.stat().st_size - 4096)
 
     response = upload(client, CHAT)
@@ -155,12 +156,12 @@ def test_deleting_and_cancelling_work_on_a_full_disk_and_free_space(client, sett
     ).json()
     small = upload(client, CHAT).json()
     job_id = queued_job(settings, small["id"])
-    kept_state = Path(settings.storage_url or "") / resume_key(job_id, 10)
+    kept_state = Path(settings.storage_url) / resume_key(job_id, 10)
     kept_state.mkdir(parents=True)
     (kept_state / "optimizer.pt").write_bytes(b"\0" * 512 * 1024)
     assert (disk / SpaceReserve.NAME).stat().st_size == RESERVE
     fill_disk(disk)
-    exhaust_sqlite(settings.database_url or "")  # not even a delete fits in its log now
+    exhaust_sqlite(settings.database_url)  # not even a delete fits in its log now
 
     deleted = client.delete(f"/v1/files/{big['id']}")
     assert deleted.status_code == 200, deleted.text
@@ -184,7 +185,7 @@ def test_without_a_reserve_a_delete_on_a_full_disk_is_507_and_changes_nothing(di
     with TestClient(create_app(settings), base_url=LOCAL) as client:
         created = upload(client, CHAT).json()
         fill_disk(disk)
-        exhaust_sqlite(settings.database_url or "")
+        exhaust_sqlite(settings.database_url)
 
         assert_error(client.delete(f"/v1/files/{created['id']}"), 507, None)
 
@@ -272,9 +273,9 @@ def run(make_settings, disk: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     settings = make_settings(
         data_dir=disk, min_free_bytes=MIN_FREE, disk_reserve_bytes=0, disk_full_wait_seconds=30
     )
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     context = WorkerContext(
-        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url or "")
+        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url)
     )
     job = Job(
         id=new_id("ftjob"),
@@ -307,7 +308,7 @@ def trains_until_the_disk_fills(
         if len(starts) <= fills:
             fill_disk(disk)
             raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
-        adapter = job_runner._workdir(context, job) / "adapter"
+        adapter = job_runner.workdir(context, recorder.run) / "adapter"
         adapter.mkdir(parents=True)
         (adapter / "adapter_model.safetensors").write_bytes(secrets.token_bytes(64))
         return TrainingOutcome(JOB_CONFIG, adapter, steps=40, trained_tokens=1000)

@@ -91,7 +91,7 @@ def settings(make_settings) -> Settings:
 
 def stored(settings: Settings) -> list[Path]:
     """Every file under the storage root (but the readiness probe's)."""
-    root = Path(settings.storage_url or "")
+    root = Path(settings.storage_url)
     return sorted(p for p in root.rglob("*") if p.is_file() and ".probe" not in p.parts)
 
 
@@ -142,7 +142,7 @@ def test_a_file_name_is_metadata_and_never_a_path(client, settings, spool, tmp_p
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["filename"] == shown
-    assert stored(settings) == [Path(settings.storage_url or "") / "files" / f"{body['id']}.jsonl"]
+    assert stored(settings) == [Path(settings.storage_url) / "files" / f"{body['id']}.jsonl"]
     assert not list(tmp_path.parent.rglob("passwd"))
     assert not list(tmp_path.rglob("win.ini"))
     download = client.get(f"/v1/files/{body['id']}/content")
@@ -228,7 +228,7 @@ def test_a_huge_single_line_staged_on_disk_leaves_no_temporary_file(
     assert staged, "the upload was not staged on disk: this test checks nothing"
     assert error["errors"] == [{"line": 1, "message": f"line is longer than {LINE_LIMIT} bytes"}]
     assert_nothing_stored(settings, spool)
-    assert open_in(Path(settings.storage_url or "")) == [], "a staging file was left open"
+    assert open_in(Path(settings.storage_url)) == [], "a staging file was left open"
     assert [process.poll() for process in checks] == [0], "the check process was left running"
 
 
@@ -480,7 +480,7 @@ def test_an_upload_cut_short_after_it_was_written_to_disk_leaves_nothing(
     assert checks, "the upload was not written to disk: this test checks nothing"
     assert [check.process.poll() is not None for check in checks] == [True]
     assert_nothing_stored(settings, spool)
-    assert open_in(Path(settings.storage_url or "")) == []
+    assert open_in(Path(settings.storage_url)) == []
 
 
 # --- job bodies: every field, every wrong type ----------------------------------------------
@@ -723,12 +723,12 @@ def fine_tuned(settings: Settings) -> str:
         finished_at=datetime.now(UTC),
     )
     job.fine_tuned_model = job.fine_tuned_model_name()
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session:
         session.add(job)
         session.commit()
     engine.dispose()
-    directory = Path(settings.storage_url or "") / adapter_key(job.id)
+    directory = Path(settings.storage_url) / adapter_key(job.id)
     directory.mkdir(parents=True)
     (directory / "adapter_config.json").write_text("{}")
     return job.fine_tuned_model

@@ -68,7 +68,7 @@ def add_job(
     if status == JobStatus.SUCCEEDED:
         job.fine_tuned_model = job.fine_tuned_model_name()
         job.finished_at = finished_at or datetime.now(UTC)
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session:
         session.add(job)
         session.flush()
@@ -81,7 +81,7 @@ def add_job(
 
 def put_adapter(settings: Settings, key: str) -> None:
     """Adapter files in artifact storage, as far as the API looks."""
-    directory = Path(settings.storage_url or "") / key
+    directory = Path(settings.storage_url) / key
     directory.mkdir(parents=True)
     (directory / "adapter_config.json").write_text("{}")
 

@@ -144,7 +144,7 @@ def seed_objects(client: TestClient, settings: Settings) -> dict[str, list[str]]
         epoch=1.0,
     )
     done.fine_tuned_model = done.fine_tuned_model_name()
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session:
         session.add(done)
         session.flush()
@@ -156,7 +156,7 @@ def seed_objects(client: TestClient, settings: Settings) -> dict[str, list[str]]
             )
         session.commit()
     engine.dispose()
-    storage = Path(settings.storage_url or "")
+    storage = Path(settings.storage_url)
     for key in (adapter_key(done.id), checkpoint_key(done.id, 2)):
         (storage / key).mkdir(parents=True)
         (storage / key / "adapter_config.json").write_text("{}")

@@ -34,14 +34,18 @@ from afina.core.storage import (
     resume_key,
     staged_adapter_key,
 )
+from afina.jobs import retry
+from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
+from afina.jobs.reconciler import LOST_MESSAGE_SECONDS, UNSENT_GRACE_SECONDS, Reconciler
+from afina.jobs.run import Run
 from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
 from afina.models.base import utcnow
-from afina.models.session import make_engine, make_session_factory
-from afina.worker import job_records, job_runner
-from afina.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
-from afina.worker.job_records import Heartbeat, JobRecorder, shutdown_requested
-from afina.worker.job_runner import WorkerContext, _claim, _fail, _finish, _stopped, run_job
-from afina.worker.reconciler import LOST_MESSAGE_SECONDS, UNSENT_GRACE_SECONDS, Reconciler
+from afina.services.root import Services
+from afina.worker import job_runner
+from afina.worker.heartbeat import Heartbeat
+from afina.worker.job_runner import WorkerContext, claim, fail, finish, run_job, stopped
+from afina.worker.process import shutdown_requested
+from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
 from tests.support import JOB_CONFIG, broker_url_for
@@ -56,32 +60,40 @@ STEPS_DONE = 15  # where a lost run had got to
 class Stack:
     """What the API's reconciler and a worker's run share: the database, storage, broker."""
 
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    storage: ArtifactStorage
-    queue: Celery
+    services: Services
     transport_options: dict[str, Any]
-    opened: list[Any] = field(default_factory=list)  # closed at the end of the test
+    opened: list[Services] = field(default_factory=list)  # closed at the end of the test
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        return self.services.session_factory
+
+    @property
+    def storage(self) -> ArtifactStorage:
+        return self.services.storage
+
+    @property
+    def queue(self) -> Celery:
+        return self.services.celery
 
     def reconciler(self, cls: type[Reconciler] = Reconciler, **overrides: Any) -> Reconciler:
-        """A reconciler as an API process runs it, with its own engine and broker
-        connection, on these settings with `overrides`."""
-        settings = self.settings.model_copy(update=overrides)
-        engine = make_engine(settings.database_url or "")
-        queue = create_celery(settings)
-        queue.conf.broker_transport_options = self.transport_options
-        self.opened += [engine, queue]
-        return cls(settings, make_session_factory(engine), self.storage, queue)
+        """A reconciler as an API process runs it, with its own services (engine, broker
+        connection), on these settings with `overrides`."""
+        services = Services(self.settings.model_copy(update=overrides))
+        services.celery.conf.broker_transport_options = self.transport_options
+        self.opened.append(services)
+        return cls(services.settings, services.session_factory, services.storage, services.celery)
 
     def context(self) -> WorkerContext:
         return WorkerContext(self.settings, self.session_factory, self.storage)
 
     def close(self) -> None:
-        for opened in [*self.opened, self.queue]:
-            if isinstance(opened, Celery):
-                opened.close()
-            else:
-                opened.dispose()
+        for services in [*self.opened, self.services]:
+            services.close()
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +118,9 @@ def stack(
     )
     # On Redis, keys of this test's own, on a database it does not empty again.
     options = {} if sqlite else {"global_keyprefix": f"afina-test-{secrets.token_hex(4)}:"}
-    engine = make_engine(settings.database_url or "")
-    queue = create_celery(settings)
-    queue.conf.broker_transport_options = options
-    storage = ArtifactStorage(settings.storage_url or "")
-    stack = Stack(settings, make_session_factory(engine), storage, queue, options, [engine])
+    services = Services(settings)
+    services.celery.conf.broker_transport_options = options
+    stack = Stack(services, options)
     yield stack
     stack.close()
 
@@ -149,7 +159,6 @@ def running_job(
         JobStatus.RUNNING,
         run_id=secrets.token_hex(16),
         worker=worker,
-        task_id="task-1",
         attempts=lost_workers + 1,
         lost_workers=lost_workers,
         steps_done=STEPS_DONE,
@@ -160,6 +169,12 @@ def running_job(
         started_at=now - silent - timedelta(minutes=1),
         heartbeat_at=now - silent,
     )
+
+
+def run_of(job: Job) -> Run:
+    """The run that holds `job`, as the job's row names it."""
+    assert job.run_id is not None
+    return Run(job.id, job.run_id)
 
 
 def stored(stack: Stack, job_id: str) -> Job:
@@ -478,10 +493,8 @@ def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack:
 
 def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: Path):
     old = running_job(stack)  # the job as the lost run knows it
-    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
-    old_heartbeat = Heartbeat(
-        stack.session_factory, old.id, old.run_id or "", stack.settings.heartbeat_seconds
-    )
+    old_run = JobRecorder(stack.session_factory, stack.storage, run_of(old))
+    old_heartbeat = Heartbeat(stack.session_factory, run_of(old), stack.settings.heartbeat_seconds)
     keep_resume_state(stack, tmp_path, old.id, 10)
 
     stack.reconciler().reconcile()
@@ -490,11 +503,12 @@ def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: 
     assert take_messages(stack) == [old.id]
 
     # The next worker takes the message: a new run holds the job.
-    new = _claim(stack.context(), old.id, task_id="task-2")
-    assert new is not None
-    assert new.run_id not in (None, old.run_id)
+    claimed = claim(stack.context(), old.id)
+    assert claimed is not None
+    new, run = claimed
+    assert run.run_id == new.run_id != old.run_id
     assert new.attempts == 2
-    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+    new_run = JobRecorder(stack.session_factory, stack.storage, run_of(new))
     assert new_run.progress(11, 40, 0.3, None) is True
     new_run.metric(11, {"loss": 1.0})
     before = snapshot(stored(stack, old.id))
@@ -507,9 +521,9 @@ def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: 
     old_run.metric(11, {"loss": 9.0})
     old_run.metric(17, {"loss": 9.0})
     old_run.checkpoint(20, str(trainer_state(tmp_path, 20)), {"step": 20})
-    _fail(stack.context(), old, TrainingFailure("training_error", "the lost run failed"))
+    fail(stack.context(), run_of(old), TrainingFailure("training_error", "the lost run failed"))
     outcome = trained(tmp_path / "old", "the lost run's adapter")
-    assert _finish(stack.context(), old, old_run, outcome) is False
+    assert finish(stack.context(), old, old_run, outcome) is False
 
     assert snapshot(stored(stack, old.id)) == before  # heartbeat_at included
     with stack.session_factory() as session:
@@ -532,7 +546,7 @@ def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: 
     new_run.checkpoint(20, str(trainer_state(tmp_path / "new", 20)), {"step": 20})
     assert resume_steps(stack, old.id) == ["step-20"]
     assert stack.storage.exists(checkpoint_key(old.id, 20))
-    assert Heartbeat(stack.session_factory, new.id, new.run_id or "", 5).beat() is True
+    assert Heartbeat(stack.session_factory, run_of(new), 5).beat() is True
 
 
 def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_handing_its_back(
@@ -542,7 +556,7 @@ def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_han
     keep_resume_state(stack, tmp_path, job.id, 10)
     shutdown_requested.set()
     try:
-        assert _stopped(stack.context(), job, STEPS_DONE) is True
+        assert stopped(stack.context(), run_of(job), STEPS_DONE) is True
     finally:
         shutdown_requested.clear()
     row = stored(stack, job.id)
@@ -568,7 +582,7 @@ def test_a_stopping_worker_leaves_a_job_taken_back_from_it_where_it_is(
     taken_back = snapshot(stored(stack, job.id))
     shutdown_requested.set()
     try:
-        assert _stopped(stack.context(), job, STEPS_DONE) is False  # its message is acked
+        assert stopped(stack.context(), run_of(job), STEPS_DONE) is False  # its message is acked
     finally:
         shutdown_requested.clear()
     assert snapshot(stored(stack, job.id)) == taken_back
@@ -576,11 +590,12 @@ def test_a_stopping_worker_leaves_a_job_taken_back_from_it_where_it_is(
 
 def next_run_succeeds(stack: Stack, job_id: str, tmp_path: Path) -> Job:
     """The job's next run, claimed once the job was taken back, ends with its own adapter."""
-    new = _claim(stack.context(), job_id, task_id="task-2")
-    assert new is not None
-    new_run = JobRecorder(stack.session_factory, stack.storage, new.id, new.run_id or "")
+    claimed = claim(stack.context(), job_id)
+    assert claimed is not None
+    new, _ = claimed
+    new_run = JobRecorder(stack.session_factory, stack.storage, run_of(new))
     outcome = trained(tmp_path / "new", "the next run's adapter")
-    assert _finish(stack.context(), new, new_run, outcome) is False
+    assert finish(stack.context(), new, new_run, outcome) is False
     return new
 
 
@@ -588,7 +603,7 @@ def test_a_lost_run_that_ends_after_the_next_run_succeeded_leaves_the_job_as_it_
     stack: Stack, tmp_path: Path
 ):
     old = running_job(stack)
-    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
+    old_run = JobRecorder(stack.session_factory, stack.storage, run_of(old))
     stack.reconciler().reconcile()
     new = next_run_succeeds(stack, old.id, tmp_path)
     succeeded = snapshot(stored(stack, old.id))
@@ -596,8 +611,8 @@ def test_a_lost_run_that_ends_after_the_next_run_succeeded_leaves_the_job_as_it_
     assert succeeded["fine_tuned_model"] == new.fine_tuned_model_name()
 
     outcome = trained(tmp_path / "old", "the lost run's adapter")
-    assert _finish(stack.context(), old, old_run, outcome) is False
-    _fail(stack.context(), old, TrainingFailure("training_error", "the lost run failed"))
+    assert finish(stack.context(), old, old_run, outcome) is False
+    fail(stack.context(), run_of(old), TrainingFailure("training_error", "the lost run failed"))
 
     assert snapshot(stored(stack, old.id)) == succeeded
     saved = Path(stack.storage.path(adapter_key(old.id))) / "adapter_model.safetensors"
@@ -608,7 +623,7 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
     stack: Stack, tmp_path: Path
 ):
     old = running_job(stack, silent=timedelta(0))
-    old_run = JobRecorder(stack.session_factory, stack.storage, old.id, old.run_id or "")
+    old_run = JobRecorder(stack.session_factory, stack.storage, run_of(old))
 
     def next_run_finishes_the_job() -> None:
         """The lost run's process freezes (just before its adapter upload) long enough for
@@ -628,17 +643,17 @@ def test_a_run_that_loses_its_job_while_saving_its_adapter_leaves_the_next_run_s
                 next_run_finishes_the_job()
             super().put_directory(local, key, **kwargs)
 
-    storage = FreezesBeforeUpload(stack.settings.storage_url or "")
+    storage = FreezesBeforeUpload(stack.settings.storage_url)
     context = WorkerContext(stack.settings, stack.session_factory, storage)
     outcome = trained(tmp_path / "old", "the lost run's adapter")
-    assert _finish(context, old, old_run, outcome) is False
+    assert finish(context, old, old_run, outcome) is False
 
     row = stored(stack, old.id)
     assert row.status == JobStatus.SUCCEEDED
     assert (row.attempts, row.lost_workers) == (2, 1)
     saved = Path(stack.storage.path(adapter_key(old.id))) / "adapter_model.safetensors"
     assert saved.read_text() == "the next run's adapter"  # not the lost run's, uploaded after
-    assert not stack.storage.exists(staged_adapter_key(old.id, old.run_id or ""))  # nor left
+    assert not stack.storage.exists(staged_adapter_key(old.id, run_of(old).run_id))  # nor left
 
 
 def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_run_s_state(
@@ -654,7 +669,7 @@ def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_ru
             stale = utcnow() - SILENT
             session.execute(update(Job).where(Job.id == old.id).values(heartbeat_at=stale))
         stack.reconciler().reconcile()
-        assert _claim(stack.context(), old.id, task_id="task-2") is not None
+        assert claim(stack.context(), old.id) is not None
 
     class FreezesWhileUploading(ArtifactStorage):
         def put_directory(self, local: Path, key: str, **kwargs: Any) -> None:
@@ -662,8 +677,8 @@ def test_a_run_that_loses_its_job_while_uploading_a_checkpoint_keeps_the_next_ru
                 taken_back()
             super().put_directory(local, key, **kwargs)
 
-    storage = FreezesWhileUploading(stack.settings.storage_url or "")
-    old_run = JobRecorder(stack.session_factory, storage, old.id, old.run_id or "")
+    storage = FreezesWhileUploading(stack.settings.storage_url)
+    old_run = JobRecorder(stack.session_factory, storage, run_of(old))
     old_run.checkpoint(20, str(trainer_state(tmp_path, 20)), {"step": 20})
 
     assert "step-10" in resume_steps(stack, old.id)  # what the next run resumes from
@@ -764,9 +779,9 @@ def test_a_stalled_write_probe_holds_heartbeat_take_backs_for_a_timeout(stack: S
 
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job_records, "RETRY_FIRST_WAIT_SECONDS", 0.01)
-    monkeypatch.setattr(job_records, "RETRY_LONGEST_WAIT_SECONDS", 0.01)
-    monkeypatch.setattr(job_records, "RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(retry, "RETRY_FIRST_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(retry, "RETRY_LONGEST_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(retry, "RETRY_SECONDS", 1.0)
 
 
 def test_a_run_s_writes_go_through_once_the_database_is_back(
@@ -774,7 +789,7 @@ def test_a_run_s_writes_go_through_once_the_database_is_back(
 ):
     job = running_job(stack, silent=timedelta(0))
     flaky = Fails(stack.session_factory, times=0)
-    run = JobRecorder(flaky, stack.storage, job.id, job.run_id or "")  # type: ignore[arg-type]
+    run = JobRecorder(flaky, stack.storage, run_of(job))  # type: ignore[arg-type]
 
     flaky.times, flaky.calls = 3, 0
     assert run.progress(16, 40, 0.4, None) is True
@@ -803,7 +818,7 @@ def test_a_run_s_writes_go_through_once_the_database_is_back(
 def test_a_run_s_write_fails_when_the_database_stays_away(stack: Stack, quick_retries: None):
     job = running_job(stack, silent=timedelta(0))
     down = Fails(stack.session_factory, times=None)
-    run = JobRecorder(down, stack.storage, job.id, job.run_id or "")  # type: ignore[arg-type]
+    run = JobRecorder(down, stack.storage, run_of(job))  # type: ignore[arg-type]
 
     with pytest.raises(OperationalError):
         run.progress(16, 40, 0.4, None)
@@ -819,14 +834,14 @@ def test_a_job_that_ends_leaves_no_scratch_folder_behind(
     the job's whole scratch space."""
     job = running_job(stack)
     scratch = stack.settings.data_dir / "work" / job.id
-    (scratch / (job.run_id or "")).mkdir(parents=True)
-    (scratch / (job.run_id or "") / "tokenized.bin").write_text("the killed run's")
+    (scratch / run_of(job).run_id).mkdir(parents=True)
+    (scratch / run_of(job).run_id / "tokenized.bin").write_text("the killed run's")
     stack.reconciler().reconcile()
     assert take_messages(stack) == [job.id]
 
     def trains(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
-        assert job_runner._workdir(context, job).parent == scratch
-        return trained(job_runner._workdir(context, job) / "adapter", "adapter")
+        assert job_runner.workdir(context, recorder.run).parent == scratch
+        return trained(job_runner.workdir(context, recorder.run) / "adapter", "adapter")
 
     monkeypatch.setattr(job_runner, "_train", trains)
     assert run_job(stack.context(), job.id) is False

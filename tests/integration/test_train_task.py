@@ -1,9 +1,7 @@
 """The Celery task that runs a job, when the database fails as the worker takes its message.
 
-The message stays with the worker, which tries the claim again: handed back to the broker,
-it would be lost should the broker not take it (on a full disk, the embedded broker cannot),
-and a message the worker could neither acknowledge nor hand back would keep it from taking
-any other."""
+The task is retried (Celery's retry) until the claim goes through; a worker that stops
+meanwhile hands the message back, marking the job as without one for the reconciler."""
 
 from typing import Any
 
@@ -15,17 +13,17 @@ from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
 from afina.models.session import make_engine, make_session_factory
 from afina.worker import tasks
-from afina.worker.job_records import shutdown_requested
 from afina.worker.job_runner import WorkerContext
+from afina.worker.process import shutdown_requested
 
 
 def test_a_job_that_cannot_be_claimed_is_tried_again_until_the_database_answers(
     make_settings, monkeypatch: pytest.MonkeyPatch
 ):
     settings: Settings = make_settings()
-    engine = make_engine(settings.database_url or "")
+    engine = make_engine(settings.database_url)
     context = WorkerContext(
-        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url or "")
+        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url)
     )
     monkeypatch.setattr(tasks, "_context", lambda: context)
     monkeypatch.setattr(tasks, "CLAIM_RETRY_DELAY_SECONDS", 0.01)
@@ -40,9 +38,12 @@ def test_a_job_that_cannot_be_claimed_is_tried_again_until_the_database_answers(
 
     monkeypatch.setattr(tasks, "run_job", fails_twice)
     try:
-        tasks.train_job.run("ftjob-abc")  # no such job: skipped once claimed; no Reject
+        # Run here, retries included: no such job, so skipped once claimed; no Reject.
+        result = tasks.train_job.apply(args=["ftjob-abc"])
     finally:
         engine.dispose()
+
+    assert result.successful()
 
     assert tries == ["ftjob-abc"] * 3
 
@@ -54,7 +55,7 @@ def test_a_stopping_worker_hands_back_the_message_of_a_job_it_could_not_claim(
     # Nothing listens on port 1: every query fails as with the database restarting.
     engine = make_engine("postgresql+psycopg://afina:afina@127.0.0.1:1/afina?connect_timeout=2")
     context = WorkerContext(
-        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url or "")
+        settings, make_session_factory(engine), ArtifactStorage(settings.storage_url)
     )
     monkeypatch.setattr(tasks, "_context", lambda: context)
     run_job = tasks.run_job

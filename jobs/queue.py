@@ -1,8 +1,9 @@
-"""Sending a job's message to the training queue, and noting in the job that it was sent.
+"""The training queue: its names, sending a job's message, and noting on the job whether it
+has one.
 
-A queued job whose `enqueued_at` is still empty has no message yet (the process that meant to
-send it died first): the reconciler sends it. A message sent twice is harmless: a worker
-starts a job only while the database says it is queued.
+A queued job whose `enqueued_at` is empty has no message (the process that meant to send it
+died first, or a stopping worker handed it back): the reconciler sends it. A message sent
+twice is harmless: a worker starts a job only while the database says it is queued.
 """
 
 from datetime import datetime
@@ -13,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
-from afina.worker.celery_app import TRAIN_TASK
+
+TRAIN_QUEUE = "train"
+TRAIN_TASK = "afina.train_job"
 
 
 def enqueue(queue: Celery, session: Session, job_id: str) -> None:
@@ -39,3 +42,11 @@ def enqueue_again(queue: Celery, session: Session, job_id: str, sent_before: dat
     if renewed:
         queue.send_task(TRAIN_TASK, args=[job_id])
     return bool(renewed)
+
+
+def handed_back(session: Session, job_id: str) -> None:
+    """A queued job's message goes back to the broker: should the broker not take it, the
+    reconciler sends another."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(enqueued_at=None)
+    )

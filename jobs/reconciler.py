@@ -32,16 +32,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, Row, false, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, false, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
-from afina.core.storage import ArtifactStorage, latest_resume_step, resume_key
-from afina.models import Job, JobStatus, new_event
+from afina.core.storage import ArtifactStorage, latest_resume_step
+from afina.jobs import lifecycle
+from afina.jobs.queue import TRAIN_QUEUE, enqueue, enqueue_again
+from afina.models import Job, JobStatus
 from afina.models.base import utcnow
-from afina.worker.celery_app import TRAIN_QUEUE
-from afina.worker.enqueue import enqueue, enqueue_again
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Reconciler:
     ) -> None:
         self.session_factory = session_factory
         self.space_reserve = space_reserve
-        self.database_directory = sqlite_directory(settings.database_url or "")
+        self.database_directory = sqlite_directory(settings.database_url)
         self.storage = storage
         self.queue = queue
         self.timeout = timedelta(seconds=settings.worker_timeout_seconds)
@@ -203,70 +203,47 @@ class Reconciler:
         silent = (now - job.heartbeat_at).total_seconds()
         cause = "its worker process ended" if certain else f"no heartbeat for {silent:.0f} s"
         lost = f"at step {job.steps_done} ({cause})"
-        if lost_workers >= self.max_attempts:
-            message = (
-                f"the worker running this job was lost {lost_workers} times, the last {lost}. "
-                "The worker's log says why; a worker that the machine kills for lack of memory "
-                "ends this way: lower batch_size or training.max_seq_length"
-            )
-            failed = self._change(
-                job,
-                lost_if,
-                f"Job failed: {message}",
-                "error",
-                certain=certain,
-                status=JobStatus.FAILED,
-                lost_workers=lost_workers,
-                error={"code": "worker_lost", "message": message, "param": None},
-                finished_at=now,
-                estimated_finish=None,
-            )
-            if failed:
-                self.storage.delete(resume_key(job.id))
-            return False
+        where = and_(Job.id == job.id, Job.status == JobStatus.RUNNING, lost_if)
+        data = {"lost_workers": lost_workers, "step": job.steps_done}
         resume_step = latest_resume_step(self.storage, job.id) or 0
-        return self._change(
-            job,
-            lost_if,
-            f"Worker lost {lost}: queued again, to resume from step {resume_step} "
-            f"(worker lost {lost_workers} time(s); the job fails at {self.max_attempts})",
-            "warn",
-            certain=certain,
-            status=JobStatus.QUEUED,
-            lost_workers=lost_workers,
-            run_id=None,
-            enqueued_at=None,
-            steps_done=resume_step,
-            epoch=None,
-            estimated_finish=None,
-        )
-
-    def _change(
-        self,
-        job: Row[Any],
-        lost_if: ColumnElement[bool],
-        event: str,
-        level: str,
-        *,
-        certain: bool,
-        **values: Any,
-    ) -> bool:
-        """Apply the change if the job is still running and still looks lost. A change that
-        waited on the database for longer than a pass is undone (`_TooSlow`): the heartbeats
-        waited too, unless the job's worker is known to have ended."""
         with self.session_factory.begin() as session:
             started = time.monotonic()
-            changed = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.RUNNING, lost_if)
-                .values(**values)
-            ).rowcount
+            if lost_workers >= self.max_attempts:
+                message = (
+                    f"the worker running this job was lost {lost_workers} times, the last "
+                    f"{lost}. The worker's log says why; a worker that the machine kills for "
+                    "lack of memory ends this way: lower batch_size or training.max_seq_length"
+                )
+                error = {"code": "worker_lost", "message": message, "param": None}
+                changed = lifecycle.fail(
+                    session,
+                    job.id,
+                    where,
+                    error,
+                    f"Job failed: {message}",
+                    lost_workers=lost_workers,
+                    data=data,
+                )
+            else:
+                changed = lifecycle.requeue(
+                    session,
+                    job.id,
+                    where,
+                    f"Worker lost {lost}: queued again, to resume from step {resume_step} "
+                    f"(worker lost {lost_workers} time(s); the job fails at {self.max_attempts})",
+                    resume_step=resume_step,
+                    level="warn",
+                    lost_workers=lost_workers,
+                    data=data,
+                )
+            # A change that waited on the database for longer than a pass is undone: the
+            # heartbeats waited too, unless the job's worker is known to have ended.
             if changed and time.monotonic() - started > self.interval and not certain:
                 raise _TooSlow  # rolls the change back
-            if changed:
-                data = {"lost_workers": values["lost_workers"], "step": job.steps_done}
-                session.add(new_event(job.id, event, level=level, data=data))
-        return bool(changed)
+        if changed and lost_workers >= self.max_attempts:
+            lifecycle.ended(self.storage, job.id)
+            return False
+        return changed
 
     def _queue_is_empty(self) -> bool:
         """Whether the training queue holds no message waiting for a worker (False when the
