@@ -92,7 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_json_bytes=settings.max_json_bytes,
         body_timeout=settings.body_timeout_seconds,
     )
-    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)
+    app.add_middleware(
+        ConcurrencyLimit,
+        limit=settings.max_concurrent_requests,
+        max_queue_seconds=settings.max_queue_seconds,
+    )
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
