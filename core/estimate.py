@@ -241,3 +241,43 @@ def memory(
         activations_with_checkpointing=with_,
         total=sum(parts.values()),
     )
+
+
+# Dense bfloat16/float16 tensor FLOPs a second by GPU (the vendors' data sheets), matched
+# against the name torch gives the device, the first that the name contains.
+GPU_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+UNKNOWN_GPU_FLOPS = 65e12  # the slowest GPU above: an unknown one is not promised more
+CPU_FLOPS_PER_CORE = 2.5e9 * 32  # 2.5 GHz, two AVX2 float32 FMA units
+# The share of the peak a LoRA run achieves (model FLOPs utilisation): 4-bit bases pay for
+# dequantizing every weight at every use. Rough figures; a worker's own measured
+# throughput replaces them after its first job on a model of that size.
+EFFICIENCY = {"cuda": {4: 0.15, 8: 0.1, None: 0.3}, "cpu": {4: 0.02, 8: 0.02, None: 0.05}}
+
+
+def peak_flops(device_kind: str, device_name: str, cores: int) -> float:
+    """The FLOPs a second a device can do at most: a GPU's data sheet figure, or the CPU's
+    cores times what AVX2 does a cycle."""
+    if device_kind == "cuda":
+        return next(
+            (flops for name, flops in GPU_PEAK_FLOPS if name in device_name), UNKNOWN_GPU_FLOPS
+        )
+    return cores * CPU_FLOPS_PER_CORE
+
+
+def flops_model_seconds(
+    flops: float, *, device_kind: str, device_name: str, cores: int, bits: int | None
+) -> float:
+    """Seconds for `flops` of training at the device's peak times the usual efficiency."""
+    efficiency = EFFICIENCY["cuda" if device_kind == "cuda" else "cpu"][bits]
+    return flops / (peak_flops(device_kind, device_name, cores) * efficiency)

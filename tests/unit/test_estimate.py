@@ -5,7 +5,14 @@ import json
 import pytest
 
 from afina.core.base_models import read_local_config
-from afina.core.estimate import GIB, ModelShape, base_weight_bytes, memory
+from afina.core.estimate import (
+    GIB,
+    ModelShape,
+    base_weight_bytes,
+    flops_model_seconds,
+    memory,
+    peak_flops,
+)
 
 # config.json as published on the hub (the sizes; the rest of each file changes nothing here)
 CONFIGS = {
@@ -181,3 +188,19 @@ def test_a_config_without_the_models_sizes_has_no_shape():
     gpt2 = ModelShape.of({"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_head": 12})
     assert gpt2 is not None
     assert (gpt2.intermediate, gpt2.kv_heads, gpt2.head_dim) == (4 * 768, 12, 64)
+
+
+def test_the_flops_model_knows_gpus_by_name_and_counts_cpu_cores():
+    assert peak_flops("cuda", "NVIDIA H100 PCIe", 16) == 756e12
+    assert peak_flops("cuda", "NVIDIA H100 80GB HBM3", 16) == 989e12
+    assert peak_flops("cuda", "NVIDIA L40S", 16) == 362e12  # not taken for an L4
+    assert peak_flops("cuda", "Some Future GPU", 16) == 65e12
+    assert peak_flops("cpu", "", 4) == 2 * peak_flops("cpu", "", 2)
+
+
+def test_a_7b_qlora_epoch_takes_minutes_on_a_gpu_and_far_longer_on_a_cpu(shapes):
+    flops = 10**6 * shapes["Llama-2-7B"].training_flops_per_token(512, checkpointing=False)
+    gpu = flops_model_seconds(flops, device_kind="cuda", device_name="A100", cores=16, bits=4)
+    cpu = flops_model_seconds(flops, device_kind="cpu", device_name="", cores=16, bits=4)
+    assert 60 < gpu < 3600  # a million tokens: about 1,800 tokens a second
+    assert cpu > 100 * gpu
