@@ -78,7 +78,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         max_json_bytes=settings.max_json_bytes,
         body_timeout=settings.body_timeout_seconds,
     )
-    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)
+    app.add_middleware(
+        ConcurrencyLimit,
+        limit=settings.max_concurrent_requests,
+        max_queue_seconds=settings.max_queue_seconds,
+    )
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

@@ -5,6 +5,10 @@ from urllib.parse import urlsplit
 
 from starlette.types import Scope
 
+# The event loop's time (`loop.time()`) at which the server had the request's headers:
+# `api.server` sets it, `api.limits.ConcurrencyLimit` reads how long the request waited.
+RECEIVED_AT = "afina.received_at"
+
 
 def route_path(scope: Scope) -> str:
     """The path the app routes on: without the prefix a proxy mounts it under."""

@@ -6,7 +6,7 @@ import asyncio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from afina.api.asgi import route_path
+from afina.api.asgi import RECEIVED_AT, route_path
 from afina.api.errors import APIError, error_response, overloaded
 
 # Room for the multipart envelope and the small form fields beside the file itself.
@@ -108,29 +108,39 @@ NEVER_SHED = frozenset({"/healthz"})
 
 
 class ConcurrencyLimit:
-    """Pure ASGI middleware: at most `limit` requests inside the app at once. One more is
-    answered 503 with `Retry-After` at once, so that past its capacity the service sheds
-    load instead of building a backlog that takes minutes to drain."""
+    """Pure ASGI middleware: at most `limit` requests inside the app at once, and none that
+    waited more than `max_queue_seconds` for the app to start on it (the server stamps
+    when it had the headers; past capacity, requests queue before any middleware runs).
+    Either is answered 503 with `Retry-After` at once, so that past its capacity the
+    service sheds load instead of building a backlog that takes minutes to drain."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, max_queue_seconds: float) -> None:
         self.app = app
         self.limit = limit
+        self.max_queue_seconds = max_queue_seconds
         self.active = 0  # changed on the event loop's thread alone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or route_path(scope) in NEVER_SHED:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
-            response = overloaded(
-                f"The service is working on its limit of {self.limit} requests at once "
-                "(AFINA_MAX_CONCURRENT_REQUESTS); try again in a moment.",
-                "overloaded",
+        waited = asyncio.get_running_loop().time() - scope.get(RECEIVED_AT, float("inf"))
+        if waited > self.max_queue_seconds:
+            message = (
+                f"The service is past its capacity: this request waited {waited:.1f} s to be "
+                f"started (AFINA_MAX_QUEUE_SECONDS is {self.max_queue_seconds:g}); try again "
+                "in a moment."
             )
-            await response(scope, receive, send)
+        elif self.active >= self.limit:
+            message = (
+                f"The service is working on its limit of {self.limit} requests at once "
+                "(AFINA_MAX_CONCURRENT_REQUESTS); try again in a moment."
+            )
+        else:
+            self.active += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.active -= 1
             return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
+        await overloaded(message, "overloaded")(scope, receive, send)

@@ -58,7 +58,14 @@ IN_MEMORY_BYTES = 1024 * 1024
 IN_MEMORY_LINES = 1024
 FLUSH_BYTES = 1024 * 1024
 MAX_CHECKS = 4 * (os.cpu_count() or 1)
+# How much nicer a check runs than the API: it takes a core while a large file arrives, and
+# everyone's requests come first (a busy machine validates more slowly, never answers later).
+CHECK_NICENESS = 10
 _check_slots = threading.BoundedSemaphore(MAX_CHECKS)
+
+
+def check_niceness() -> int:
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + CHECK_NICENESS)
 
 
 class DatasetCheck:
@@ -75,6 +82,8 @@ class DatasetCheck:
             stdout=subprocess.PIPE,
             start_new_session=True,
         )
+        with suppress(OSError):  # it may have ended already
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, check_niceness())
         self._slots: threading.BoundedSemaphore | None = None  # the one `start` took
         self._ended = False
 

@@ -57,6 +57,7 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.reused = False  # answered a request before: the server may have closed it since
 
     @classmethod
     async def open(cls, port: int) -> "Connection":
@@ -99,11 +100,21 @@ class Results:
 async def timed(raw: bytes, port: int, pool: list[Connection], results: Results, started: float):
     connection = pool.pop() if pool else None
     try:
-        if connection is None:
+        try:
+            if connection is None:
+                connection = await Connection.open(port)
+            status, reusable = await asyncio.wait_for(connection.request(raw), TIMEOUT_SECONDS)
+        except (ConnectionResetError, asyncio.IncompleteReadError):
+            if connection is None or not connection.reused:
+                raise
+            # The server closed this idle keep-alive connection as it was reused: what any
+            # HTTP client does then is send the request again on a new one.
+            connection.close()
             connection = await Connection.open(port)
-        status, reusable = await asyncio.wait_for(connection.request(raw), TIMEOUT_SECONDS)
+            status, reusable = await asyncio.wait_for(connection.request(raw), TIMEOUT_SECONDS)
         results.record(started, status)
         if reusable:
+            connection.reused = True
             pool.append(connection)
             connection = None
     except TimeoutError:
@@ -213,20 +224,26 @@ def chat_lines(count: int, words: int) -> bytes:
 
 
 class Uploads:
-    """Uploads a dataset again and again on a thread of its own, until stopped."""
+    """Uploads a dataset again and again, with curl (a process of its own, so that it takes
+    nothing from the polling client), until stopped; keeps each upload's end-to-end rate."""
 
-    def __init__(self, base: str, content: bytes) -> None:
-        self.base, self.content, self.done = base, content, 0
+    def __init__(self, base: str, dataset: Path) -> None:
+        self.command = [
+            "curl", "--silent", "--show-error", "--fail", "--output", "/dev/null",
+            "--header", f"Authorization: Bearer {KEY}",
+            "--form", "purpose=fine-tune", "--form", f"file=@{dataset};type=application/jsonl",
+            f"{base}/v1/files",
+        ]  # fmt: skip
+        self.megabytes = dataset.stat().st_size / 1e6
+        self.rates: list[float] = []  # MB/s of each upload, request sent to answer read
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
-        headers = {"Authorization": f"Bearer {KEY}"}
-        with httpx.Client(base_url=self.base, headers=headers, timeout=600) as client:
-            while not self.stopping.is_set():
-                files = {"file": ("load.jsonl", self.content, "application/jsonl")}
-                client.post("/v1/files", data={"purpose": "fine-tune"}, files=files)
-                self.done += 1
+        while not self.stopping.is_set():
+            began = time.perf_counter()
+            subprocess.run(self.command, check=True)
+            self.rates.append(self.megabytes / (time.perf_counter() - began))
 
     def __enter__(self) -> "Uploads":
         self.thread.start()
@@ -236,6 +253,15 @@ class Uploads:
     def __exit__(self, *_exc: object) -> None:
         self.stopping.set()
         self.thread.join()
+
+    def summary(self) -> str:
+        rates = sorted(self.rates)
+        return (
+            f"{len(rates)} uploads of {self.megabytes:.0f} MB, end to end "
+            f"{rates[len(rates) // 2]:.1f} MB/s median, {rates[0]:.1f}-{rates[-1]:.1f}"
+            if rates
+            else "no upload finished"
+        )
 
 
 def start_training(client: httpx.Client, workdir: Path) -> str:
@@ -298,7 +324,9 @@ def main() -> None:
                     ).json()["id"]
                     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
             path = f"/v1/fine_tuning/jobs/{job_id}" if args.route == "job" else f"/v1/files/{small}"
-            upload = chat_lines(int(args.upload_megabytes * 1024 * 1024 / 240), 20)
+            upload = workdir / "upload.jsonl"
+            line_bytes = len(chat_lines(100, 20)) / 100
+            upload.write_bytes(chat_lines(int(args.upload_megabytes * 1e6 / line_bytes), 20))
             print(f"afina serve pid {server.pid}, {os.cpu_count()} cores, route {path}")
             for during in args.during:
                 if during == "training" and job_id is None:
@@ -347,7 +375,7 @@ def run_phases(during, port, path, pid, args, base, upload) -> None:
             label = f"{during}: {rate:.0f} req/s {args.seconds:.0f} s"
             report(label, results, wall, used, recovery)
         if uploads is not None:
-            print(f"{during}: {uploads.done} uploads of {len(upload) / 1e6:.0f} MB finished")
+            print(f"{during}: {uploads.summary()}")
 
 
 @contextmanager

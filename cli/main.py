@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from afina.api import keys
 from afina.api.asgi import is_loopback
-from afina.api.server import server_config
+from afina.api.server import Server, server_config
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
@@ -214,7 +213,7 @@ def serve(
         signal.signal(stop_signal, _exit_cleanly)
     try:
         config = server_config(api, settings, host=host, port=port)
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         if worker is not None:
             worker.stop()

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="Requests the API works on at once; beyond it a request is answered 503 "
         "with Retry-After at once rather than queued (/healthz is never refused).",
     )
+    max_queue_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="How long a request may wait, once its headers are in, for the API to "
+        "start on it; one that waited longer (the service is past its capacity) is answered "
+        "503 with Retry-After at once (/healthz is never refused).",
+    )
     max_connections: int = Field(
         default=2048,
         ge=1,

@@ -19,12 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from afina.api.server import server_config
+from afina.api.server import Server, server_config
 from afina.core.job_config import (
     JobConfig,
     LoraSettings,
@@ -141,7 +140,7 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(app, app.state.settings, log_level="warning"))
+    server = Server(server_config(app, app.state.settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -373,6 +374,7 @@ def checks(monkeypatch) -> list[uploads.DatasetCheck]:
 
     def record(check, *args, **kwargs):
         start(check, *args, **kwargs)
+        check.niceness = os.getpriority(os.PRIO_PROCESS, check.process.pid)
         made.append(check)
 
     monkeypatch.setattr(uploads.DatasetCheck, "__init__", record)
@@ -422,6 +424,8 @@ def test_a_large_upload_answers_as_one_checked_in_memory(
     with TestClient(create_app(settings), base_url=LOCAL) as client:
         staged = upload(client, content)
         assert len(checks) == 1, "the upload was not checked by a process of its own"
+        niceness = os.getpriority(os.PRIO_PROCESS, 0) + uploads.CHECK_NICENESS
+        assert checks[0].niceness == min(19, niceness), "the check runs nicer than the API"
         monkeypatch.setattr(uploads, "IN_MEMORY_BYTES", 1 << 30)
         monkeypatch.setattr(uploads, "IN_MEMORY_LINES", 1 << 30)
         in_memory = upload(client, content)

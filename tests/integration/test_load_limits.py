@@ -4,6 +4,7 @@ database threads and the pool never wait on each other. A live uvicorn server wi
 protocol, on both backends (the pool and the threads are what is under test)."""
 
 import asyncio
+import gc
 import json
 import socket
 import threading
@@ -139,6 +140,36 @@ def test_past_the_limit_a_request_is_shed_at_once_with_retry_after(make_settings
         deadline = time.monotonic() + 10
         while asyncio.run(_request(port, get(f"/v1/files/{FILE_ID}")))[0] != 200:
             assert time.monotonic() < deadline, "the places were not given back"
+            time.sleep(0.05)
+
+
+def test_the_heap_the_server_started_with_is_out_of_garbage_collection_while_it_serves(
+    make_settings,
+):
+    """A full collection walks every object the app holds (60 ms here), and every request
+    in flight waits for it: while serving they are frozen, and thawed at shutdown."""
+    with served(make_settings):
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_request_that_waited_past_the_queue_limit_is_shed_at_once(make_settings):
+    """Past capacity, requests wait inside the server before any middleware counts them:
+    those that waited past AFINA_MAX_QUEUE_SECONDS are answered 503 instead of served late."""
+
+    async def burst(port: int) -> list[tuple[int, dict, bytes]]:
+        return await asyncio.gather(*(_request(port, get("/v1/files")) for _ in range(200)))
+
+    with served(make_settings, max_queue_seconds=0.01) as (_, port):
+        answers = asyncio.run(burst(port))
+        shed = [json.loads(body) for status, headers, body in answers if status == 503]
+        assert {status for status, _, _ in answers} == {200, 503}
+        assert all(headers["retry-after"] == "1" for s, headers, _ in answers if s == 503)
+        assert {error["error"]["code"] for error in shed} == {"overloaded"}
+        assert "AFINA_MAX_QUEUE_SECONDS" in shed[0]["error"]["message"]
+        deadline = time.monotonic() + 10
+        while asyncio.run(_request(port, get("/v1/files")))[0] != 200:  # idle: served again
+            assert time.monotonic() < deadline
             time.sleep(0.05)
 
 

@@ -1,11 +1,10 @@
 """When a run turns gradient checkpointing on: only when the largest batch's activations
 would not fit in the memory left, or when the job asks for it."""
 
-from types import SimpleNamespace
-
 import pytest
 from transformers import GPT2Config, LlamaConfig
 
+from afina.core.estimate import ModelShape
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.worker.training import fast_path
 from afina.worker.training.checkpointing import needs_checkpointing, tokens_per_step
@@ -30,6 +29,11 @@ EIGHT_B = LlamaConfig(
 )
 
 
+def shape(model_config) -> ModelShape | None:
+    """The shape as the worker reads it, from the loaded config's names."""
+    return ModelShape.of(model_config.to_dict())
+
+
 def test_a_batch_holds_the_longest_examples_end_to_end_or_padded_to_the_longest():
     lengths = [100, 900, 300, 50, 700]
     assert tokens_per_step(lengths, 2, padding_free=True) == 1600
@@ -39,20 +43,21 @@ def test_a_batch_holds_the_longest_examples_end_to_end_or_padded_to_the_longest(
 
 def test_a_small_model_on_a_cpu_trains_without_checkpointing():
     kwargs = {"tokens_per_step": 4 * 1024, "dtype_bytes": 4, "trainable_parameters": 10**6}
-    assert not needs_checkpointing(SMALL, **kwargs, free_bytes=8 * GIB)
+    assert not needs_checkpointing(shape(SMALL), **kwargs, free_bytes=8 * GIB)
 
 
 def test_a_large_batch_of_a_large_model_on_a_small_gpu_needs_it():
     kwargs = {"tokens_per_step": 8 * 4096, "dtype_bytes": 2, "trainable_parameters": 42 * 10**6}
-    assert needs_checkpointing(EIGHT_B, **kwargs, free_bytes=18 * GIB)  # a 24 GiB GPU
-    assert not needs_checkpointing(EIGHT_B, **kwargs, free_bytes=2000 * GIB)
+    assert needs_checkpointing(shape(EIGHT_B), **kwargs, free_bytes=18 * GIB)  # a 24 GiB GPU
+    assert not needs_checkpointing(shape(EIGHT_B), **kwargs, free_bytes=2000 * GIB)
 
 
 def test_other_architectures_are_read_by_their_own_names_and_an_unknown_shape_checkpoints():
     kwargs = {"tokens_per_step": 4096, "dtype_bytes": 2, "trainable_parameters": 10**6}
-    assert not needs_checkpointing(GPT2Config(), **kwargs, free_bytes=80 * GIB)
-    assert needs_checkpointing(GPT2Config(), **kwargs, free_bytes=1 * GIB)
-    assert needs_checkpointing(SimpleNamespace(), **kwargs, free_bytes=2000 * GIB)
+    assert not needs_checkpointing(shape(GPT2Config()), **kwargs, free_bytes=80 * GIB)
+    assert needs_checkpointing(shape(GPT2Config()), **kwargs, free_bytes=1 * GIB)
+    assert ModelShape.of({"model_type": "custom"}) is None
+    assert needs_checkpointing(None, **kwargs, free_bytes=2000 * GIB)
 
 
 def config(**training: object):

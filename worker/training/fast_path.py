@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available, is_liger_kernel_available
 
+from afina.core.estimate import ModelShape
 from afina.core.job_config import JobConfig
 from afina.core.model_loading import compute_dtype
 from afina.worker.training.attention import PACKED_SDPA
@@ -94,7 +95,7 @@ def resolve_checkpointing(
     else:
         tokens = tokens_per_step(lengths, batch_size, padding_free=bool(training.padding_free))
     decided = needs_checkpointing(
-        model_config.get_text_config(),
+        ModelShape.of(model_config.get_text_config().to_dict()),
         tokens_per_step=tokens,
         dtype_bytes=torch.finfo(dtype).bits // 8,
         trainable_parameters=trainable,
