@@ -174,13 +174,17 @@ def _allowed_methods(request: Request) -> str:
     route that matched the path, and one path often has a route per method."""
     # Since FastAPI 0.137 an included router is one opaque entry of `app.routes`;
     # `iter_route_contexts` opens it.
+    # A path named literally by some route (`/v1/fine_tuning/jobs/estimate`) is that route's
+    # resource, though a route with a parameter (`/v1/fine_tuning/jobs/{job_id}`) matches it.
     flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
-    methods: set[str] = set()
+    literal: set[str] = set()
+    templated: set[str] = set()
     for route in flatten(request.app.routes):
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
-            methods |= route.methods or set()
-    return ", ".join(sorted(methods))
+            path = getattr(route, "path", "")
+            (templated if "{" in path else literal).update(route.methods or set())
+    return ", ".join(sorted(literal or templated))
 
 
 # What FastAPI and Starlette say when a body cannot be parsed at all; the exception they

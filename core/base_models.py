@@ -92,6 +92,22 @@ def read_local_config(path: str, shown: str | None = None) -> dict[str, object]:
     return config
 
 
+def cached_hub_config(model_id: str) -> dict[str, object] | None:
+    """The `config.json` of a hub model this machine has downloaded; None if it has not
+    (nothing is fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(path, str):
+        return None
+    try:
+        with open(path, "rb") as config_file:
+            loaded = json.loads(config_file.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
 def max_length(config: dict[str, object]) -> int | None:
     """The context length a model config declares, if any."""
     sources = [config]

@@ -243,6 +243,15 @@ def memory(
     )
 
 
+def tokens_per_step(lengths: list[int], batch_size: int, *, padding_free: bool) -> int:
+    """The most tokens one batch of these examples can hold: the longest ones end to end when
+    padding-free, else `batch_size` rows as long as the longest."""
+    longest = sorted(lengths, reverse=True)[:batch_size]
+    if padding_free:
+        return sum(longest)
+    return batch_size * (longest[0] if longest else 0)
+
+
 # Dense bfloat16/float16 tensor FLOPs a second by GPU (the vendors' data sheets), matched
 # against the name torch gives the device, the first that the name contains.
 GPU_PEAK_FLOPS = (

@@ -24,11 +24,13 @@ def compute_dtype(setting: str) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(source: str, *, trust_remote_code: bool) -> Any:
+def load_tokenizer(source: str, *, trust_remote_code: bool, offline: bool = False) -> Any:
     """The tokenizer as training uses it: a pad token (EOS if it has none) and a chat
-    template (ChatML if it has none)."""
+    template (ChatML if it has none). `offline`: from local files only, never the hub."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
     except Exception as error:
         raise ModelLoadError(f"cannot load the tokenizer of {source!r}: {error}") from error
     if tokenizer.pad_token is None:

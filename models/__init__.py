@@ -12,6 +12,7 @@ from afina.models.jobs import (
     JobStatus,
     new_event,
 )
+from afina.models.workers import Worker
 
 __all__ = [
     "UNFINISHED",
@@ -23,5 +24,6 @@ __all__ = [
     "JobEvent",
     "JobMetric",
     "JobStatus",
+    "Worker",
     "new_event",
 ]

@@ -22,6 +22,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from afina.api.server import Server, server_config
 from afina.core.job_config import (
@@ -32,6 +33,8 @@ from afina.core.job_config import (
     ResolvedTraining,
 )
 from afina.core.settings import Settings
+from afina.jobs import workers
+from afina.models import Worker
 from afina.models.session import make_engine, make_session_factory
 
 # A resolved job configuration, for the job rows a test writes itself.
@@ -74,6 +77,23 @@ def assert_error(response, status: int, param: str | None, code: str | None = No
         assert error["code"] == code
     assert error["message"]
     return error
+
+
+def register_worker(
+    db: Session,
+    worker_id: str,
+    *,
+    memory_total: int = 24 * 2**30,
+    kind: str = "cuda",
+    name: str = "NVIDIA L4",
+    throughput: dict[str, float] | None = None,
+) -> None:
+    """A worker in the registry, as one that just started would write itself."""
+    device = workers.Device(kind, name, memory_total, memory_total // 2, cpu_cores=8)
+    workers.register(db, worker_id, "gpu-host", "train", device)
+    if throughput:
+        db.flush()
+        db.get(Worker, worker_id).throughput = throughput
 
 
 def rows(settings: Settings, table: Any) -> list[Any]:

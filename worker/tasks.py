@@ -14,14 +14,15 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import SQLAlchemyError
 
 from afina.core.settings import get_settings
-from afina.jobs.queue import TRAIN_TASK, handed_back
+from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK, handed_back
 from afina.services.root import Services
 from afina.worker.job_runner import WorkerContext, run_job
-from afina.worker.process import shutdown_requested
+from afina.worker.presence import Presence
+from afina.worker.process import shutdown_requested, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,24 @@ def _context() -> WorkerContext:
     """The worker process's services, built at its first task and kept until it exits."""
     services = Services(get_settings())
     return WorkerContext(services.settings, services.session_factory, services.storage)
+
+
+@lru_cache
+def _presence() -> Presence:
+    context = _context()
+    return Presence(
+        context.session_factory, this_worker(), TRAIN_QUEUE, context.settings.heartbeat_seconds
+    )
+
+
+@worker_ready.connect
+def _announce(**_: Any) -> None:
+    _presence().start()
+
+
+@worker_shutdown.connect
+def _withdraw(**_: Any) -> None:
+    _presence().stop()
 
 
 @worker_shutting_down.connect

@@ -4,10 +4,12 @@ recorded (events, checkpoints, and afina's whole metric series)."""
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import Connection, bindparam
+from sqlalchemy.orm import Session
 
 from afina.api.deps import (
     DbDep,
@@ -40,9 +42,14 @@ from afina.api.schemas.jobs import (
 )
 from afina.core import base_models
 from afina.core.disk import freeing_space, is_disk_full
+from afina.core.estimate import GIB, ModelShape
 from afina.core.ids import new_id
-from afina.core.job_config import resolve_config
-from afina.jobs import lifecycle
+from afina.core.job_config import JobConfig, resolve_config
+from afina.core.records import RecordError
+from afina.core.settings import Settings
+from afina.core.storage import ArtifactStorage, file_key
+from afina.jobs import lifecycle, planning, workers
+from afina.jobs.dataset_tokens import dataset_tokens
 from afina.jobs.queue import enqueue
 from afina.models import (
     File,
@@ -96,16 +103,25 @@ def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
     return row
 
 
-@router.post("", response_model=JobObject, responses=error_responses(400, 413, 507))
-def create_job(
-    body: JobCreate,
-    db: DbDep,
-    project: ProjectDep,
-    settings: SettingsDep,
-    queue: QueueDep,
-    reserve: ReserveDep,
-) -> JobObject:
+@dataclass(frozen=True)
+class _Checked:
+    """A job body that passed every check that needs no worker: what to store and run."""
+
+    model: str
+    training: File
+    config: JobConfig
+    model_config: dict[str, object] | None  # None: not readable here (a hub model not cached)
+
+
+def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> _Checked:
     model, model_limit = _model_limit(body.model, settings.allowed_models)
+    model_config = (
+        base_models.read_local_config(model, shown=body.model)
+        if base_models.is_local(model)
+        else base_models.cached_hub_config(model)
+    )
+    if model_limit is None and model_config is not None:
+        model_limit = base_models.max_length(model_config)
     training = _dataset(db, project, body.training_file, "training_file")
     if body.validation_file is not None:
         _dataset(db, project, body.validation_file, "validation_file")
@@ -117,6 +133,83 @@ def create_job(
         raise APIError(
             400, str(error), param="training.max_seq_length", code="invalid_max_seq_length"
         ) from None
+    return _Checked(model, training, config, model_config)
+
+
+def _plan(
+    body: JobCreate,
+    checked: _Checked,
+    db: Session,
+    settings: Settings,
+    storage: ArtifactStorage,
+) -> planning.Plan:
+    """The plan on the live workers; ValueError when it cannot be made (the model's
+    shape or the dataset's tokens are not known here, or a template fails)."""
+    shape = ModelShape.of(checked.model_config) if checked.model_config else None
+    if shape is None or checked.config.training.max_seq_length is None:
+        raise ValueError(
+            f"the model's config.json ({body.model!r}) is not on this server or gives no "
+            "model size (a hub model is read once a worker has downloaded it)"
+        )
+    data = dataset_tokens(
+        checked.training,
+        lambda: storage.open(file_key(checked.training.id)),
+        checked.model,
+        checked.config,
+        max_line_bytes=settings.max_line_bytes,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    return planning.plan(
+        shape,
+        checked.config,
+        data,
+        workers.live(db, settings.worker_timeout_seconds),
+        auto_batch=body.chosen_hyperparameters().batch_size == "auto",
+    )
+
+
+@router.post("/estimate", response_model=planning.Plan, responses=error_responses(400, 413))
+def estimate_job(
+    body: JobCreate,
+    db: DbDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> planning.Plan:
+    """The plan afina would run for this job body (the body of `POST /v1/fine_tuning/jobs`,
+    checked the same way): its memory, time, settings and the workers that can run it.
+    Nothing is stored."""
+    checked = _checked(body, db, project, settings)
+    try:
+        return _plan(body, checked, db, settings, storage)
+    except RecordError as error:
+        raise APIError(
+            400, str(error), param="training_file", code="invalid_training_example"
+        ) from None
+    except ValueError as error:
+        raise APIError(400, str(error), param="model", code="model_config_unavailable") from None
+
+
+@router.post("", response_model=JobObject, responses=error_responses(400, 413, 507))
+def create_job(
+    body: JobCreate,
+    db: DbDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    queue: QueueDep,
+    reserve: ReserveDep,
+) -> JobObject:
+    checked = _checked(body, db, project, settings)
+    model, training, config = checked.model, checked.training, checked.config
+    admission = _admit(body, checked, db, settings, storage)
+    if isinstance(admission, planning.Plan):
+        config = planning.applied(
+            config,
+            admission.settings,
+            batch_size=body.chosen_hyperparameters().batch_size == "auto",
+            checkpointing=config.training.gradient_checkpointing == "auto",
+        )
     job = Job(
         id=new_id("ftjob"),
         project=project,
@@ -142,6 +235,7 @@ def create_job(
         job,
         f"Validated training file {training.id}: {training.num_examples} "
         f"{training.format} examples",
+        admission if isinstance(admission, str) else _admitted(admission),
         "Job queued",
     )
     db.commit()
@@ -165,6 +259,38 @@ def create_job(
         ) from None
     logger.info("job %s queued for project %s on %s", job.id, project, model)
     return JobObject.of(job)
+
+
+def _admit(
+    body: JobCreate, checked: _Checked, db: Session, settings: Settings, storage: ArtifactStorage
+) -> planning.Plan | str:
+    """The plan of a job that fits a live worker; a 400 for one that fits none, naming the
+    setting to change; what could not be checked (no worker yet, the model's config or
+    tokens not here), for the job's first event: the job is then queued unchecked."""
+    try:
+        plan = _plan(body, checked, db, settings, storage)
+    except ValueError as error:  # RecordError too: the run will say which example
+        return f"Could not check that the job fits a worker: {error}"
+    if not plan.fits.checked:
+        return "Could not check that the job fits a worker: none is registered yet"
+    if not plan.fits.workers:
+        raise APIError(
+            400,
+            f"The job fits no worker: it {plan.fits.reason}. Change {plan.fits.param} "
+            "(POST /v1/fine_tuning/jobs/estimate shows the plan)",
+            param=plan.fits.param,
+            code="does_not_fit",
+        )
+    return plan
+
+
+def _admitted(plan: planning.Plan) -> str:
+    return (
+        f"Checked: needs {plan.memory.total / GIB:.2f} GiB (batch size "
+        f"{plan.settings.batch_size}, gradient checkpointing "
+        f"{'on' if plan.settings.gradient_checkpointing else 'off'}); fits "
+        f"{len(plan.fits.workers)} of the registered workers"
+    )
 
 
 def _found(row: Any, job_id: str) -> Any:

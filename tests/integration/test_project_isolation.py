@@ -35,7 +35,7 @@ from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
-from tests.support import JOB_CONFIG, assert_error, jsonl, rows, upload
+from tests.support import JOB_CONFIG, assert_error, jsonl, register_worker, rows, upload
 
 ALPHA = {"Authorization": "Bearer key-a"}
 BETA = {"Authorization": "Bearer key-b"}
@@ -47,6 +47,7 @@ ALLOWED = ["/srv/models/*", "org/*"]
 HUB_MODEL = "org/base-model"  # a new job's model: a hub id needs nothing on disk
 CEILING = 64  # AFINA_MAX_NEW_TOKENS; the generation rows ask for one token more
 SUFFIX = "alpha-only"
+WORKER = "gpu-host:4242"  # the registered worker, running alpha's job
 STEPS = (2, 4)  # alpha's checkpoints
 SECRET_TEXT = "alpha-only-answer"  # in alpha's datasets, events and file names
 CHAT = jsonl(
@@ -83,6 +84,7 @@ class Refs:
     file: str  # alpha's training file; its queued job still uses it
     spare_file: str  # alpha's second file, which no unfinished job uses
     queued_job: str
+    running_job: str  # run by the worker `WORKER`
     job: str  # succeeded
     model: str  # the succeeded job's fine_tuned_model
     checkpoint: str  # its model name, `{job}:ckpt-step-{n}`
@@ -105,6 +107,7 @@ def made_up(own_file: str, own_job: str) -> Refs:
         file=new_id("file"),
         spare_file=new_id("file"),
         queued_job=new_id("ftjob"),
+        running_job=new_id("ftjob"),
         job=job,
         model=f"ft:{BASE}:alpha:{SUFFIX}:{job.removeprefix('ftjob-')[:8]}",
         checkpoint=f"{new_id('ftjob')}:ckpt-step-{STEPS[0]}",
@@ -160,10 +163,14 @@ def generate(**name: str) -> Call:
     return post("/generate", {**name, "prompt": "hello", "max_new_tokens": CEILING + 1})
 
 
-def new_job(training_file: str, validation_file: str | None = None) -> Call:
+def new_job(
+    training_file: str, validation_file: str | None = None, route: str = "/v1/fine_tuning/jobs"
+) -> Call:
     body = {"model": HUB_MODEL, "training_file": training_file, "validation_file": validation_file}
-    return post("/v1/fine_tuning/jobs", body)
+    return post(route, body)
 
+
+ESTIMATE = "/v1/fine_tuning/jobs/estimate"
 
 # --- the matrix -------------------------------------------------------------------------------
 
@@ -283,6 +290,24 @@ ROWS = [
         Refused(400, "validation_file", "file_not_found"),
         200,
     ),
+    # Nothing to estimate for alpha either: the hub model's config is not on this server.
+    Row(
+        "POST",
+        ESTIMATE,
+        "training_file",
+        lambda r: new_job(r.file, route=ESTIMATE),
+        Refused(400, "training_file", "file_not_found"),
+        400,
+    ),
+    Row(
+        "POST",
+        ESTIMATE,
+        "validation_file",
+        lambda r: new_job(r.own_file, validation_file=r.spare_file, route=ESTIMATE),
+        Refused(400, "validation_file", "file_not_found"),
+        400,
+    ),
+    Row("GET", "/v1/workers", "list", lambda r: get("/v1/workers"), Lists("workers"), 200),
     Row(
         "GET",
         "/v1/fine_tuning/jobs",
@@ -427,7 +452,8 @@ class World:
 
     @property
     def alpha_ids(self) -> set[str]:
-        return {self.alpha.file, self.alpha.spare_file, self.alpha.queued_job, self.alpha.job}
+        alpha = self.alpha
+        return {alpha.file, alpha.spare_file, alpha.queued_job, alpha.running_job, alpha.job}
 
 
 def add_job(db, project: str, status: JobStatus, training_file: str, **values: Any) -> Job:
@@ -456,6 +482,8 @@ def world(client: TestClient, app: FastAPI) -> World:
     own_file = upload(client, jsonl({"text": "beta"}), "beta.jsonl", headers=BETA).json()["id"]
     with app.state.session_factory() as db:
         queued = add_job(db, "alpha", JobStatus.QUEUED, file, model=BASE)
+        running = add_job(db, "alpha", JobStatus.RUNNING, file, model=BASE, worker=WORKER)
+        register_worker(db, WORKER)
         job = add_job(
             db,
             "alpha",
@@ -486,6 +514,7 @@ def world(client: TestClient, app: FastAPI) -> World:
             file=file,
             spare_file=spare_file,
             queued_job=queued.id,
+            running_job=running.id,
             job=job.id,
             model=job.fine_tuned_model,
             checkpoint=f"{job.id}:ckpt-step-{STEPS[0]}",
@@ -507,10 +536,16 @@ def world(client: TestClient, app: FastAPI) -> World:
         listed={
             "alpha": {
                 "files": {file, spare_file},
-                "jobs": {queued.id, job.id},
+                "jobs": {queued.id, running.id, job.id},
                 "models": {BASE, alpha.model},
+                "workers": {WORKER},
             },
-            "beta": {"files": {own_file}, "jobs": {own_job.id}, "models": set()},
+            "beta": {
+                "files": {own_file},
+                "jobs": {own_job.id},
+                "models": set(),
+                "workers": {WORKER},
+            },
         },
     )
 
@@ -662,3 +697,13 @@ def test_alpha_sees_everything_after_beta_tried_every_row(client, world):
     checkpoints = client.get(f"{job}/checkpoints", headers=ALPHA).json()["data"]
     assert [checkpoint["step_number"] for checkpoint in checkpoints] == sorted(STEPS, reverse=True)
     assert len(client.get(f"{job}/metrics", headers=ALPHA).json()["data"]) == 4
+
+
+def test_a_worker_shows_the_job_it_runs_to_its_project_alone(client, world):
+    (mine,) = client.get("/v1/workers", headers=ALPHA).json()["data"]
+    (theirs,) = client.get("/v1/workers", headers=BETA).json()["data"]
+    assert (mine["busy"], mine["job"]) == (True, world.alpha.running_job)
+    assert (theirs["busy"], theirs["job"]) == (True, None)
+    assert {k: v for k, v in mine.items() if k != "job"} == {
+        k: v for k, v in theirs.items() if k != "job"
+    }

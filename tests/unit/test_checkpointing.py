@@ -4,10 +4,10 @@ would not fit in the memory left, or when the job asks for it."""
 import pytest
 from transformers import GPT2Config, LlamaConfig
 
-from afina.core.estimate import ModelShape
+from afina.core.estimate import ModelShape, tokens_per_step
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.worker.training import fast_path
-from afina.worker.training.checkpointing import needs_checkpointing, tokens_per_step
+from afina.worker.training.checkpointing import needs_checkpointing
 
 GIB = 2**30
 # The benchmark's small model, and Llama-3-8B's shape.

@@ -11,11 +11,11 @@ from transformers import AutoConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from afina.core.job_config import ConfigRequest, LoraSettings, resolve_config
+from afina.core.records import IGNORE_INDEX
 from afina.worker.demo_model import build_demo_model
 from afina.worker.training.attention import PACKED_SDPA
 from afina.worker.training.fast_path import resolve_engine
 from afina.worker.training.model import load_model
-from afina.worker.training.records import IGNORE_INDEX
 
 LENGTHS = (37, 5, 120, 64, 1)
 

@@ -14,8 +14,7 @@ from afina.core.datasets import (
     PromptCompletionExample,
     TextExample,
 )
-from afina.worker.demo_model import build_demo_model
-from afina.worker.training.records import (
+from afina.core.records import (
     IGNORE_INDEX,
     Record,
     RecordError,
@@ -24,6 +23,7 @@ from afina.worker.training.records import (
     to_record,
     to_records,
 )
+from afina.worker.demo_model import build_demo_model
 
 
 @pytest.fixture(scope="module")

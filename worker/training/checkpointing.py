@@ -58,12 +58,3 @@ def needs_checkpointing(
     )
     needed = 4 * LORA_DTYPE_BYTES * trainable_parameters + tokens_per_step * per_token
     return needed > HEADROOM * free_bytes
-
-
-def tokens_per_step(lengths: list[int], batch_size: int, *, padding_free: bool) -> int:
-    """The most tokens one batch of these examples can hold: the longest ones end to end when
-    padding-free, else `batch_size` rows as long as the longest."""
-    longest = sorted(lengths, reverse=True)[:batch_size]
-    if padding_free:
-        return sum(longest)
-    return batch_size * (longest[0] if longest else 0)

@@ -8,15 +8,11 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available, is_liger_kernel_available
 
-from afina.core.estimate import ModelShape
+from afina.core.estimate import ModelShape, tokens_per_step
 from afina.core.job_config import JobConfig
 from afina.core.model_loading import compute_dtype
 from afina.worker.training.attention import PACKED_SDPA
-from afina.worker.training.checkpointing import (
-    free_memory,
-    needs_checkpointing,
-    tokens_per_step,
-)
+from afina.worker.training.checkpointing import free_memory, needs_checkpointing
 
 
 def _model_class(model_config: PretrainedConfig) -> type | None:

@@ -19,6 +19,7 @@ from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.core.model_loading import compute_dtype
+from afina.core.records import RecordError, RecordStats, to_records
 from afina.worker.training import tokenized
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.fast_path import resolve_checkpointing, resolve_engine
@@ -28,7 +29,6 @@ from afina.worker.training.model import (
     load_training_tokenizer,
 )
 from afina.worker.training.progress import ProgressCallback, Reporter
-from afina.worker.training.records import RecordError, RecordStats, to_records
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from afina.worker.training.records import RecordStats
+from afina.core.records import RecordStats
 
 
 def save(dataset: Dataset, stats: RecordStats, directory: Path) -> Path:

@@ -1,0 +1,265 @@
+"""The plan afina would run for a job: the batch size and gradient checkpointing it picks,
+the memory and time the run takes (`core.estimate`), and which registered workers can run
+it. `POST /v1/fine_tuning/jobs/estimate` answers with it, and job creation refuses a job
+that fits no live worker.
+
+- `batch_size: "auto"` is the largest batch, up to `AUTO_BATCH_LIMIT` and the number of
+  examples, that fits the smallest worker able to take the job at all;
+- `gradient_checkpointing: "auto"` is on only when the run would not fit without it;
+- a worker can take a run whose total is at most `FIT_SHARE` of its memory (the rest is the
+  runtime's: the CUDA context, the allocator's slack, the process);
+- the time is the tokens trained over the throughput that worker measured on a model of
+  that size, else the FLOPs model (`core.estimate.flops_model_seconds`).
+A worker's compute dtype follows the job's setting; "auto" is bfloat16 on a GPU and float32
+on a CPU, as the worker picks it.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from afina.core.estimate import (
+    GIB,
+    Memory,
+    ModelShape,
+    flops_model_seconds,
+    memory,
+    tokens_per_step,
+)
+from afina.core.job_config import DEFAULT_BATCH_SIZE, JobConfig
+from afina.jobs.workers import size_key
+from afina.models import Worker
+
+AUTO_BATCH_LIMIT = DEFAULT_BATCH_SIZE
+FIT_SHARE = 0.9
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The training file as the run sees it: each example's tokens, cut to the run's
+    `max_seq_length`; `counted` is False when they are estimated from its characters (the
+    model's tokenizer is not on this server)."""
+
+    lengths: Sequence[int]
+    counted: bool
+
+
+class Settings(BaseModel):
+    batch_size: int
+    gradient_checkpointing: bool
+    max_seq_length: int
+
+
+class Fits(BaseModel):
+    checked: bool  # False with no live worker: nothing to check against
+    workers: list[str]
+    reason: str | None = None
+    param: str | None = None  # the setting to change when it fits none
+
+
+class Plan(BaseModel):
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    memory: Memory
+    trainable_parameters: int
+    parameters: int
+    tokens: int
+    tokens_counted: bool
+    examples: int
+    steps: int
+    estimated_seconds: float | None
+    estimated_from: Literal["measured_throughput", "flops_model"] | None
+    settings: Settings
+    fits: Fits
+
+
+@dataclass(frozen=True)
+class _Choice:
+    batch_size: int
+    checkpointing: bool
+
+
+def _dtype_bytes(config: JobConfig, device_kind: str) -> int:
+    setting = config.quantization.compute_dtype
+    if setting == "auto":
+        return 2 if device_kind == "cuda" else 4
+    return _DTYPE_BYTES[setting]
+
+
+def _memory(
+    shape: ModelShape, config: JobConfig, data: Dataset, device_kind: str, choice: _Choice
+) -> Memory:
+    training = config.training
+    assert training.max_seq_length is not None
+    if training.packing:
+        tokens = choice.batch_size * training.max_seq_length
+    else:
+        padding_free = bool(training.padding_free)
+        tokens = tokens_per_step(list(data.lengths), choice.batch_size, padding_free=padding_free)
+    return memory(
+        shape,
+        bits=config.quantization.bits,
+        double_quant=config.quantization.double_quant,
+        dtype_bytes=_dtype_bytes(config, device_kind),
+        lora_r=config.lora.r,
+        target_modules=config.lora.target_modules,
+        tokens_per_step=tokens,
+        checkpointing=choice.checkpointing,
+    )
+
+
+def _choices(config: JobConfig, data: Dataset, *, auto_batch: bool) -> list[_Choice]:
+    """What the run may use, best first: larger batches, then checkpointing off."""
+    asked = config.training.gradient_checkpointing
+    checkpointing = [False, True] if asked == "auto" else [bool(asked)]
+    largest = max(1, min(AUTO_BATCH_LIMIT, len(data.lengths)))
+    batches = range(largest, 0, -1) if auto_batch else [config.hyperparameters.batch_size]
+    return [_Choice(batch, ckpt) for batch in batches for ckpt in checkpointing]
+
+
+def _fits(total: int, worker: Worker) -> bool:
+    return total <= FIT_SHARE * worker.memory_total
+
+
+def _steps(config: JobConfig, data: Dataset, batch_size: int) -> int:
+    training = config.training
+    assert training.max_seq_length is not None
+    rows = len(data.lengths)
+    if training.packing:
+        rows = math.ceil(sum(data.lengths) / training.max_seq_length)
+    per_epoch = math.ceil(math.ceil(rows / batch_size) / training.gradient_accumulation_steps)
+    steps = per_epoch * config.hyperparameters.n_epochs
+    return min(steps, training.max_steps) if training.max_steps else steps
+
+
+def _gib(size: float) -> str:
+    return f"{size / GIB:.1f} GiB"
+
+
+def _remedy(
+    shape: ModelShape, config: JobConfig, data: Dataset, worker: Worker, choice: _Choice
+) -> str:
+    """The setting to change so that the run fits `worker` (the largest one)."""
+    training = config.training
+    if not choice.checkpointing and _fits(
+        _memory(shape, config, data, worker.device_kind, _Choice(choice.batch_size, True)).total,
+        worker,
+    ):
+        return "training.gradient_checkpointing"
+    if choice.batch_size > 1:
+        return "hyperparameters.batch_size"
+    if config.quantization.bits != 4:
+        return "quantization.bits"
+    if training.max_seq_length and training.max_seq_length > 256:
+        return "training.max_seq_length"
+    return "model"
+
+
+def plan(
+    shape: ModelShape,
+    config: JobConfig,
+    data: Dataset,
+    workers: Sequence[Worker],
+    *,
+    auto_batch: bool,
+) -> Plan:
+    """The plan for `config` (resolved, with `auto_batch` saying the batch size was "auto")
+    on the live `workers`, smallest memory first."""
+    choices = _choices(config, data, auto_batch=auto_batch)
+    chosen, target = None, None
+    for worker in workers:
+        chosen = next(
+            (
+                choice
+                for choice in choices
+                if _fits(_memory(shape, config, data, worker.device_kind, choice).total, worker)
+            ),
+            None,
+        )
+        if chosen is not None:
+            target = worker
+            break
+    fits = Fits(checked=bool(workers), workers=[])
+    if not workers:  # nothing to fit: the settings as asked, or the defaults
+        chosen = choices[0]
+    elif chosen is None:  # fits none: shown as the least the run could take on the largest
+        chosen, largest = choices[-1], workers[-1]
+        needed = _memory(shape, config, data, largest.device_kind, chosen).total
+        fits.reason = (
+            f"needs {_gib(needed)}, the largest worker ({largest.device_name}) has "
+            f"{_gib(largest.memory_total)} and a run may use {FIT_SHARE:.0%} of it"
+        )
+        fits.param = _remedy(shape, config, data, largest, chosen)
+    estimate = _memory(shape, config, data, target.device_kind if target else "cuda", chosen)
+    if target is not None:
+        fits.workers = [
+            worker.id
+            for worker in workers
+            if _fits(_memory(shape, config, data, worker.device_kind, chosen).total, worker)
+        ]
+    assert config.training.max_seq_length is not None
+    tokens = sum(data.lengths)
+    trained = tokens * config.hyperparameters.n_epochs
+    seconds, source = _seconds(shape, config, data, target, trained, chosen.checkpointing)
+    return Plan(
+        memory=estimate,
+        trainable_parameters=shape.lora_parameters(config.lora.r, config.lora.target_modules),
+        parameters=shape.parameters,
+        tokens=tokens,
+        tokens_counted=data.counted,
+        examples=len(data.lengths),
+        steps=_steps(config, data, chosen.batch_size),
+        estimated_seconds=seconds,
+        estimated_from=source,
+        settings=Settings(
+            batch_size=chosen.batch_size,
+            gradient_checkpointing=chosen.checkpointing,
+            max_seq_length=config.training.max_seq_length,
+        ),
+        fits=fits,
+    )
+
+
+def _seconds(
+    shape: ModelShape,
+    config: JobConfig,
+    data: Dataset,
+    worker: Worker | None,
+    trained_tokens: int,
+    checkpointing: bool,
+) -> tuple[float | None, Literal["measured_throughput", "flops_model"] | None]:
+    if worker is None:
+        return None, None
+    bits = config.quantization.bits
+    measured = worker.throughput.get(size_key(shape.parameters, bits))
+    if measured:
+        return trained_tokens / measured, "measured_throughput"
+    mean_length = sum(data.lengths) / max(1, len(data.lengths))
+    flops = trained_tokens * shape.training_flops_per_token(
+        round(mean_length), checkpointing=checkpointing
+    )
+    seconds = flops_model_seconds(
+        flops,
+        device_kind=worker.device_kind,
+        device_name=worker.device_name,
+        cores=worker.cpu_cores,
+        bits=bits,
+    )
+    return seconds, "flops_model"
+
+
+def applied(
+    config: JobConfig, settings: Settings, *, batch_size: bool, checkpointing: bool
+) -> JobConfig:
+    """`config` with what the plan picked for the settings that were "auto"."""
+    hyperparameters, training = config.hyperparameters, config.training
+    if batch_size:
+        hyperparameters = hyperparameters.model_copy(update={"batch_size": settings.batch_size})
+    if checkpointing:
+        training = training.model_copy(
+            update={"gradient_checkpointing": settings.gradient_checkpointing}
+        )
+    return config.model_copy(update={"hyperparameters": hyperparameters, "training": training})
