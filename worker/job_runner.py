@@ -39,7 +39,7 @@ from afina.core.storage import (
     staged_adapter_key,
     tokenized_key,
 )
-from afina.jobs import lifecycle
+from afina.jobs import lifecycle, workers
 from afina.jobs.retry import retried
 from afina.jobs.run import Run
 from afina.models import Job
@@ -212,6 +212,14 @@ def _succeed(
             trained_tokens=outcome.trained_tokens,
             config=outcome.config.model_dump(mode="json"),
         )
+        if outcome.parameters and outcome.tokens_per_second:  # for the estimates to come
+            workers.record_throughput(
+                session,
+                this_worker(),
+                outcome.parameters,
+                outcome.config.quantization.bits,
+                outcome.tokens_per_second,
+            )
 
 
 def _out_of_space(context: WorkerContext, error: BaseException) -> bool:

@@ -5,12 +5,23 @@ fine-tuned model and a chat with it; stopping `afina serve` stops its worker too
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import time
 
+import httpx
 import openai
 
 from tests.support import AFINA, afina_serve, child_pids
+
+
+def registered_workers(base: str) -> list[dict]:
+    """The workers `GET /v1/workers` lists, once the embedded one has registered."""
+    deadline = time.monotonic() + 60
+    while not (listed := httpx.get(f"{base}/v1/workers").json()["data"]):
+        assert time.monotonic() < deadline, "the embedded worker never registered"
+        time.sleep(0.2)
+    return listed
 
 
 def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
@@ -36,6 +47,17 @@ def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         with (tmp_path / "train.jsonl").open("rb") as data:
             training_file = client.files.create(file=data, purpose="fine-tune")
+        (worker,) = registered_workers(base)
+        assert worker["device"]["kind"] == "cpu"
+        assert worker["device"]["memory_total"] > 0
+        body = {
+            "model": model,
+            "training_file": training_file.id,
+            "hyperparameters": {"n_epochs": 2},
+        }
+        plan = httpx.post(f"{base}/v1/fine_tuning/jobs/estimate", json=body).json()
+        assert plan["fits"]["workers"] == [worker["id"]], plan
+        assert plan["estimated_from"] == "flops_model"
         job = client.fine_tuning.jobs.create(
             model=model,
             training_file=training_file.id,
@@ -62,8 +84,16 @@ def test_the_offline_flow_from_demo_model_to_fine_tuned_model(tmp_path):
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.completion_tokens > 0
         assert job.fine_tuned_model in [listed.id for listed in client.models.list()]
+        # the worker keeps the throughput it measured: the next estimate uses it
+        (worker,) = registered_workers(base)
+        (measured,) = worker["throughput"].values()
+        assert measured > 0
+        plan = httpx.post(f"{base}/v1/fine_tuning/jobs/estimate", json=body).json()
+        assert plan["estimated_from"] == "measured_throughput"
     assert server.returncode == 0
     assert not os.path.exists(f"/proc/{worker_pid}"), "the worker outlived afina serve"
+    with sqlite3.connect(tmp_path / "data" / "afina.db") as database:
+        assert database.execute("SELECT id FROM workers").fetchall() == [], "it stayed registered"
 
 
 def test_the_worker_stops_when_afina_serve_is_killed(tmp_path):

@@ -59,6 +59,7 @@ class ProgressCallback(TrainerCallback):
         self.tokens_at_start = self.tokens_at_last_log = 0
         self.time_at_last_log = 0.0
         self.stopped_early = False
+        self.tokens_per_second: float | None = None  # measured over the run, once it ends
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -162,6 +163,7 @@ class ProgressCallback(TrainerCallback):
         cpu_seconds = time.process_time() - self.cpu_started
         tokens = state.num_input_tokens_seen - self.tokens_at_start
         tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+        self.tokens_per_second = tokens_per_second or None
         memory, measure = peak_memory()
         self.reporter.event(
             f"Training done: {state.global_step - self.first_step} steps in {seconds:.1f} s, "

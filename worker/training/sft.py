@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from afina.core.base_models import max_length
 from afina.core.datasets import read_examples
+from afina.core.estimate import ModelShape
 from afina.core.job_config import DEFAULT_MAX_SEQ_LENGTH, JobConfig, fit_to_model
 from afina.core.model_loading import compute_dtype
 from afina.core.records import RecordError, RecordStats, to_records
@@ -59,6 +60,8 @@ class TrainingOutcome:
     adapter_dir: Path | None  # None: stopped early (cancelled)
     steps: int
     trained_tokens: int
+    parameters: int | None = None  # the base's, as the estimate counts them
+    tokens_per_second: float | None = None  # measured over the run
 
 
 def _model_config(run: TrainingRun) -> PretrainedConfig:
@@ -251,4 +254,12 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     adapter_dir = run.workdir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    return TrainingOutcome(config, adapter_dir, state.global_step, state.num_input_tokens_seen)
+    shape = ModelShape.of(model_config.get_text_config().to_dict())
+    return TrainingOutcome(
+        config,
+        adapter_dir,
+        state.global_step,
+        state.num_input_tokens_seen,
+        parameters=shape.parameters if shape else None,
+        tokens_per_second=callback.tokens_per_second,
+    )
