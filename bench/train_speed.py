@@ -47,6 +47,8 @@ from typing import Any
 import httpx
 from train_job import afina_serve
 
+from afina.core.estimate import GPU_PEAK_FLOPS
+from afina.core.estimate import ModelShape as EstimatedShape
 from afina.worker.demo_model import ModelShape, build_demo_model
 
 SMALL = ModelShape(
@@ -69,15 +71,6 @@ ONE_B = ModelShape(
 MAX_LENGTH = 1024
 RECIPE_LORA = {"r": 64, "target_modules": ["q_proj", "v_proj"]}
 # Dense bf16 peaks (no sparsity), in FLOP/s, by a piece of the device's name.
-GPU_PEAKS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-}
 TEXT = (
     "the model learns a task from examples and answers questions about data training loss "
     "adapter weights quantized layer attention token sequence batch step gradient optimizer "
@@ -139,35 +132,19 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def lora_training_flops(config: dict[str, Any], lengths: list[int], lora: dict[str, Any]) -> float:
-    """FLOPs of one LoRA pass over examples of these lengths (model FLOPs: no recomputation).
-
-    Frozen weights: forward 2 and input gradient 2 per weight and token (no weight gradient).
-    LoRA matrices: 6 per weight and token. Causal attention: forward 2*L^2*d per layer (QK^T and
-    AV, half the square), backward twice that."""
-    d, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = d * config["num_key_value_heads"] // config["num_attention_heads"]
-    shapes = {
-        "q_proj": (d, d),
-        "k_proj": (d, kv),
-        "v_proj": (d, kv),
-        "o_proj": (d, d),
-        "gate_proj": (d, f),
-        "up_proj": (d, f),
-        "down_proj": (f, d),
-    }
-    frozen = layers * sum(i * o for i, o in shapes.values()) + d * config["vocab_size"]
-    targets = shapes if lora["target_modules"] == "all-linear" else lora["target_modules"]
-    adapter = layers * sum(lora["r"] * sum(shapes[name]) for name in targets if name in shapes)
-    tokens = sum(lengths)
-    attention = sum(3 * 2 * length * length * d * layers for length in lengths)
-    return 4 * frozen * tokens + 6 * adapter * tokens + attention
+    """Model FLOPs of one LoRA pass over examples of these lengths (no recomputation), as
+    afina's estimate counts them (`ModelShape.training_flops`)."""
+    shape = EstimatedShape.of(config)
+    assert shape is not None
+    adapter = shape.lora_parameters(lora["r"], lora["target_modules"])
+    return shape.training_flops(lengths, lora_parameters=adapter, checkpointing=False)
 
 
 def gpu_peak_flops() -> float | None:
     import torch
 
     name = torch.cuda.get_device_name()
-    return next((peak for key, peak in GPU_PEAKS.items() if key in name), None)
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -22,14 +22,14 @@ Memory (bytes), the parts a CUDA allocator holds at the peak of a step:
 - the LM head's logits: float32 logits, their softmax and their gradient for every token of
   the step.
 
-Compute: a forward pass costs `2 x` the weights a token goes through (embeddings excluded)
-plus causal attention's `2 x layers x sequence x attention width`; training LoRA on a frozen
-base costs two forward passes' worth (the backward pass computes activation gradients, not
-weight gradients), and gradient checkpointing adds a third.
+Compute (`ModelShape.training_flops`): a forward pass costs `2 x` the weights a token goes
+through (embeddings excluded) plus causal attention; training LoRA on a frozen base costs
+about two forward passes' worth (the backward pass computes the inputs' gradients, not the
+frozen weights'), and gradient checkpointing adds a third.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,12 +169,23 @@ class ModelShape:
         """float32 logits, their softmax and their gradient (cross-entropy upcasts)."""
         return 3 * 4 * self.vocabulary
 
-    def training_flops_per_token(self, sequence: int, *, checkpointing: bool) -> float:
-        """FLOPs to train LoRA on one token of a `sequence`-token example."""
-        weights = self.linear_parameters + self.vocabulary * self.hidden  # decoder + head
-        attention = 2 * self.layers * sequence * self.heads * self.head_dim  # causal: half
-        forward = 2 * weights + attention
-        return forward * (3 if checkpointing else 2)
+    def training_flops(
+        self, lengths: Sequence[int], *, lora_parameters: int, checkpointing: bool
+    ) -> float:
+        """FLOPs to train LoRA once over examples of these lengths (in tokens). Per token:
+        the frozen weights (the decoder's and the LM head's) 2 forward and 2 for the input
+        gradient, no weight gradient; the LoRA weights 6; causal attention 4 x its position
+        x the attention width of all layers forward (QK^T and AV), twice that backward.
+        Checkpointing runs the forward pass again."""
+        frozen = self.linear_parameters + self.vocabulary * self.hidden
+        width = self.layers * self.heads * self.head_dim
+        tokens = sum(lengths)
+        # summed over a sequence's positions: 4 x width x length^2 / 2
+        attention = sum(2 * length * length * width for length in lengths)
+        flops = 4 * frozen * tokens + 6 * lora_parameters * tokens + 3 * attention
+        if checkpointing:
+            flops += 2 * (frozen + lora_parameters) * tokens + attention
+        return flops
 
 
 def base_weight_bytes(
@@ -256,6 +267,7 @@ def tokens_per_step(lengths: list[int], batch_size: int, *, padding_free: bool) 
 # against the name torch gives the device, the first that the name contains.
 GPU_PEAK_FLOPS = (
     ("H200", 989e12),
+    ("A10G", 70e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),

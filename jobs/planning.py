@@ -237,9 +237,10 @@ def _seconds(
     measured = worker.throughput.get(size_key(shape.parameters, bits))
     if measured:
         return trained_tokens / measured, "measured_throughput"
-    mean_length = sum(data.lengths) / max(1, len(data.lengths))
-    flops = trained_tokens * shape.training_flops_per_token(
-        round(mean_length), checkpointing=checkpointing
+    flops = config.hyperparameters.n_epochs * shape.training_flops(
+        data.lengths,
+        lora_parameters=shape.lora_parameters(config.lora.r, config.lora.target_modules),
+        checkpointing=checkpointing,
     )
     seconds = flops_model_seconds(
         flops,
