@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel
 
 GIB = 1024**3
+MIB = 1024**2
 QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size
 DOUBLE_QUANT_BLOCK = 256  # blocks per second-level scale
 LORA_DTYPE_BYTES = 4
@@ -58,6 +59,11 @@ def _first(config: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def size(size: float) -> str:
+    """Bytes as people read them: GiB from one GiB up, else MiB."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / MIB:.1f} MiB"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from afina.api.schemas.jobs import (
 )
 from afina.core import base_models
 from afina.core.disk import freeing_space, is_disk_full
-from afina.core.estimate import GIB, ModelShape
+from afina.core.estimate import ModelShape, size
 from afina.core.ids import new_id
 from afina.core.job_config import JobConfig, resolve_config
 from afina.core.records import RecordError
@@ -286,7 +286,7 @@ def _admit(
 
 def _admitted(plan: planning.Plan) -> str:
     return (
-        f"Checked: needs {plan.memory.total / GIB:.2f} GiB (batch size "
+        f"Checked: needs {size(plan.memory.total)} (batch size "
         f"{plan.settings.batch_size}, gradient checkpointing "
         f"{'on' if plan.settings.gradient_checkpointing else 'off'}); fits "
         f"{len(plan.fits.workers)} of the registered workers"

@@ -13,7 +13,7 @@ from afina.core.datasets import ChatExample
 from afina.core.estimate import ModelShape
 from afina.core.model_loading import load_tokenizer
 from afina.core.records import to_record
-from afina.jobs.planning import FIT_SHARE
+from afina.jobs.planning import CPU_RESIDENT_FACTOR, FIT_SHARE
 from afina.jobs.workers import size_key
 from afina.models import Job, JobEvent, Worker
 from afina.worker.demo_model import build_demo_model
@@ -191,7 +191,7 @@ def test_a_job_that_fits_no_worker_is_refused_naming_the_setting_and_stores_noth
     sent["training"] = {"gradient_checkpointing": True}
     response = client.post("/v1/fine_tuning/jobs", json=sent)
     error = assert_error(response, 400, "hyperparameters.batch_size", "does_not_fit")
-    assert "the largest worker (Tiny GPU) has 0.0 GiB" in error["message"]
+    assert "the largest worker (Tiny GPU) has 1.0 MiB" in error["message"]
     assert rows(settings, Job) == []
     plan = client.post("/v1/fine_tuning/jobs/estimate", json=sent).json()
     assert plan["fits"]["workers"] == []
@@ -205,3 +205,22 @@ def test_with_no_worker_a_job_is_queued_unchecked_and_says_so(
     assert response.status_code == 200, response.text
     events = [event.message for event in rows(settings, JobEvent)]
     assert "Could not check that the job fits a worker: none is registered yet" in events
+
+
+def test_a_cpu_worker_needs_room_for_what_a_cpu_process_adds(client, model, training_file):
+    fixed = {
+        **body(model, training_file, gradient_checkpointing=False),
+        "hyperparameters": {"batch_size": 4},
+        "quantization": {"compute_dtype": "float32"},  # the same estimate on both devices
+    }
+
+    def plan() -> dict:
+        return client.post("/v1/fine_tuning/jobs/estimate", json=fixed).json()
+
+    total = plan()["memory"]["total"]
+    memory = int(2 * total / FIT_SHARE)  # room for the estimate, not for 2.5 times it
+    with client.app.state.session_factory.begin() as db:
+        register_worker(db, "cpu", memory_total=memory, kind="cpu", name="CPU")
+        register_worker(db, "gpu", memory_total=memory, kind="cuda", name="GPU")
+    assert plan()["fits"]["workers"] == ["gpu"]
+    assert CPU_RESIDENT_FACTOR * total > FIT_SHARE * memory
