@@ -84,15 +84,19 @@ def serving(stack: Settings, **overrides: Any) -> Iterator[tuple[str, FastAPI]]:
 
 @dataclass
 class Batches:
-    """The batches an engine served: their sizes, and the adapters loaded after each."""
+    """The batches an engine served (their sizes), and its model cache."""
 
     sizes: list[int] = field(default_factory=list)
     running: int = 0
-    loaded_adapters: tuple[str, ...] = ()
+    models: Any = None
 
     @property
     def done(self) -> int:
         return len(self.sizes) - self.running
+
+    @property
+    def loaded_adapters(self) -> tuple[str, ...]:
+        return self.models.loaded_adapters
 
 
 @pytest.fixture
@@ -104,11 +108,11 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> Batches:
 
     def recording(models: Any, streams: list[Any], max_new_tokens: int) -> None:
         seen.sizes.append(len(streams))
+        seen.models = models
         seen.running += 1
         try:
             serve_batch(models, streams, max_new_tokens)
         finally:
-            seen.loaded_adapters = models.loaded_adapters
             seen.running -= 1
 
     monkeypatch.setattr(batch, "serve_batch", recording)
