@@ -11,7 +11,9 @@ app's to watch (`api.limits.RequestLimits`), since only the app knows when it re
 
 import asyncio
 import gc
+import importlib
 import socket
+import threading
 from typing import Any
 
 import uvicorn
@@ -94,6 +96,18 @@ class Server(uvicorn.Server):
         gc.collect()  # the app is loaded by now (a factory ran before this)
         gc.freeze()
         await super().startup(sockets)
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+
+
+# Imported once the server is up, on a thread of their own: torch and transformers, which the
+# first estimate (a tokenizer) and the first generation need, take seconds to import.
+WARM_UP_MODULES = ("afina.core.model_loading",)
+
+
+def _warm_up() -> None:
+    for name in WARM_UP_MODULES:
+        importlib.import_module(name)
+    gc.freeze()  # what they brought is as lasting as the rest
 
 
 def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
