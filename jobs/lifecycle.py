@@ -9,7 +9,7 @@ lost" for a job it takes back. `ended` is what a job's end must clean up.
 """
 
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
@@ -41,7 +41,13 @@ def create(session: Session, job: Job, *messages: str) -> None:
     """Store a new job with its first events (the API checked everything before)."""
     session.add(job)
     session.flush()  # the job row first: events point at it
-    session.add_all(new_event(job.id, message) for message in messages)
+    # A microsecond apart: rows inserted in one batch may share a timestamp, and events are
+    # listed by (created_at, id), ids being random.
+    now = utcnow()
+    for order, message in enumerate(messages):
+        event = new_event(job.id, message)
+        event.created_at = now + timedelta(microseconds=order)
+        session.add(event)
 
 
 def discard(session: Session, job_id: str) -> None:

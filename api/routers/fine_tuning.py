@@ -149,7 +149,7 @@ def _plan(
     if shape is None or checked.config.training.max_seq_length is None:
         raise ValueError(
             f"the model's config.json ({body.model!r}) is not on this server or gives no "
-            "model size (a hub model is read once a worker has downloaded it)"
+            "model size (a hub model's is read from this machine's Hugging Face cache)"
         )
     data = dataset_tokens(
         checked.training,

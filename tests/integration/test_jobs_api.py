@@ -422,3 +422,20 @@ def test_a_json_body_over_its_limit_is_refused_before_it_is_read(make_settings, 
         assert_error(streamed, 413, None, "request_too_large")
         assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200
     assert len(rows(settings, Job)) == 1
+
+
+def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, settings):
+    """They are written in one transaction; the list orders by time, then by a random id."""
+    training = upload(client, CHAT).json()["id"]
+    for _ in range(5):
+        job = client.post(
+            "/v1/fine_tuning/jobs", json={"model": "org/base", "training_file": training}
+        ).json()["id"]
+        events = client.get(f"/v1/fine_tuning/jobs/{job}/events").json()["data"]
+        assert [event["message"] for event in reversed(events)] == [
+            f"Validated training file {training}: 10 chat examples",
+            "Could not check that the job fits a worker: the model's config.json ('org/base') "
+            "is not on this server or gives no model size (a hub model's is read from this "
+            "machine's Hugging Face cache)",
+            "Job queued",
+        ]
