@@ -198,7 +198,8 @@ def plan(
             f"{size(largest.memory_total)} and a run may use {FIT_SHARE:.0%} of it"
         )
         fits.param = _remedy(shape, config, data, largest, chosen)
-    estimate = _memory(shape, config, data, target.device_kind if target else "cuda", chosen)
+    shown_on = target or (workers[-1] if workers else None)  # none: a GPU is assumed
+    estimate = _memory(shape, config, data, shown_on.device_kind if shown_on else "cuda", chosen)
     if target is not None:
         fits.workers = [
             worker.id
