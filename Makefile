@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/afina serve --host $(HOST) --port $(PORT)
 
+# One pytest-xdist worker a core, at most four; tests marked xdist_group run in one worker.
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n auto --maxprocesses 4 --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

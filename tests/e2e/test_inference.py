@@ -22,6 +22,9 @@ from afina.core.storage import adapter_key
 from tests.e2e.conftest import wait_for_job
 from tests.support import LOCAL, assert_error, jsonl, serve_in_thread, upload
 
+# The stack's worker process and the trained adapters are made once, in one xdist worker.
+pytestmark = pytest.mark.xdist_group("stack")
+
 QUESTIONS = [
     "Is the sky blue?",
     "Do you like tea?",

@@ -1,5 +1,6 @@
 """Jobs trained for real by a Celery worker process on the tiny demo model (CPU, 4-bit
-bitsandbytes, peft LoRA, trl SFT), on the embedded stack and on PostgreSQL + Redis."""
+bitsandbytes, peft LoRA, trl SFT), on the embedded stack (test_crash_recovery.py trains on
+PostgreSQL + Redis too)."""
 
 import json
 import random
@@ -16,6 +17,9 @@ from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobMetric, JobStatus
 from tests.e2e.conftest import wait_for_job
 from tests.support import jsonl, rows, upload
+
+# The stack's worker process and the trained adapters are made once, in one xdist worker.
+pytestmark = pytest.mark.xdist_group("stack")
 
 
 def arithmetic(count: int, seed: int) -> bytes:

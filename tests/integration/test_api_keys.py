@@ -15,6 +15,8 @@ from afina.api.keys import KEY_PREFIX, revoke_keys
 from afina.models import ApiKey, File
 from tests.support import AFINA, LOCAL, assert_error, jsonl, rows, upload
 
+pytestmark = pytest.mark.both_backends
+
 EXAMPLE = jsonl({"prompt": "2+2=", "completion": "4"})
 
 
@@ -124,22 +126,24 @@ def test_a_key_found_valid_is_remembered_for_key_cache_seconds_and_no_longer(
         assert client.get("/v1/files", headers=bearer(key)).status_code == 401
 
 
-def test_revoke_by_project_or_by_the_key_itself(afina_keys, settings, client):
+def test_revoke_by_project_or_by_the_key_itself(afina_keys, make_settings):
+    settings = make_settings(key_cache_seconds=0)  # a revoked key stops at its next request
     alpha_1, alpha_2, beta = (create(afina_keys, p) for p in ("alpha", "alpha", "beta"))
 
-    result = afina_keys("revoke", "--project", "alpha")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("(project alpha)") == 2
-    for key in (alpha_1, alpha_2):
-        assert client.get("/v1/files", headers=bearer(key)).status_code == 401
-    assert client.get("/v1/files", headers=bearer(beta)).status_code == 200
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        result = afina_keys("revoke", "--project", "alpha")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("(project alpha)") == 2
+        for key in (alpha_1, alpha_2):
+            assert client.get("/v1/files", headers=bearer(key)).status_code == 401
+        assert client.get("/v1/files", headers=bearer(beta)).status_code == 200
 
-    # A key and a project that do not match revoke nothing.
-    assert afina_keys("revoke", beta, "--project", "alpha").returncode == 1
-    assert client.get("/v1/files", headers=bearer(beta)).status_code == 200
+        # A key and a project that do not match revoke nothing.
+        assert afina_keys("revoke", beta, "--project", "alpha").returncode == 1
+        assert client.get("/v1/files", headers=bearer(beta)).status_code == 200
 
-    assert afina_keys("revoke", beta).returncode == 0
-    assert client.get("/v1/files", headers=bearer(beta)).status_code == 401
+        assert afina_keys("revoke", beta).returncode == 0
+        assert client.get("/v1/files", headers=bearer(beta)).status_code == 401
     assert all(row.revoked_at is not None for row in rows(settings, ApiKey))
 
 
