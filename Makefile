@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/afina serve --host $(HOST) --port $(PORT)
 
-# One pytest-xdist worker a core, at most four; tests marked xdist_group run in one worker.
+# One pytest-xdist worker a core, at most four; a group of XDIST_GROUPS (tests/conftest.py)
+# runs in one worker.
 test: install
 	$(VENV)/bin/pytest -n auto --maxprocesses 4 --dist loadgroup $(PYTEST_ARGS)
 

@@ -18,9 +18,6 @@ from afina.models import Job, JobCheckpoint, JobMetric, JobStatus
 from tests.e2e.conftest import wait_for_job
 from tests.support import jsonl, rows, upload
 
-# The stack's worker process and the trained adapters are made once, in one xdist worker.
-pytestmark = pytest.mark.xdist_group("stack")
-
 
 def arithmetic(count: int, seed: int) -> bytes:
     generator = random.Random(seed)
