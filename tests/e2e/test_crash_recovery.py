@@ -22,8 +22,6 @@ from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.e2e.test_worker_shutdown import wait_until
 from tests.support import LOCAL, rows
 
-pytestmark = pytest.mark.both_backends
-
 WORKER_TIMEOUT = 6.0
 STEPS, SAVE_EVERY = 50, 10  # 50 steps: a metric point for every step
 
@@ -48,6 +46,7 @@ def adapter_weights(settings: Settings, job_id: str) -> dict:
     return load_file(artifacts / "adapter_model.safetensors")
 
 
+@pytest.mark.both_backends
 def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(settings, demo_model):
     with TestClient(create_app(settings), base_url=LOCAL) as api:
         training = upload_id(api, arithmetic(64, seed=6))
