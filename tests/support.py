@@ -106,7 +106,8 @@ def afina_serve(
     `workdir/data`, `env` added to the environment), until it answers; stopped with SIGTERM
     at the end."""
     port = free_port()
-    base_env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
+    # Unbuffered: the tests read serve.log (the worker child's lines too) while it runs.
+    base_env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), "PYTHONUNBUFFERED": "1"}
     for name in ("AFINA_DATABASE_URL", "AFINA_BROKER_URL", "AFINA_STORAGE_URL", "AFINA_API_KEYS"):
         base_env.pop(name, None)
     env = {**base_env, **(env or {})}
