@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/afina serve --host $(HOST) --port $(PORT)
 
+# One pytest-xdist worker a core, at most four; a group of XDIST_GROUPS (tests/conftest.py)
+# runs in one worker. Then the tests marked serial, in one process: PYTEST_ARGS may select
+# none of them (exit 5), the whole suite may not.
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n auto --maxprocesses 4 --dist loadgroup -m "not serial" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m serial $(PYTEST_ARGS) $(if $(PYTEST_ARGS),|| [ $$? -eq 5 ])
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,11 @@
 """Helpers the tests share: uploads, error-body checks, reading rows back, running
-`afina serve` as a process, a small disk of its own to fill."""
+`afina serve` as a process, a small disk of its own to fill, the demo model built once."""
 
 import errno
+import hashlib
+import itertools
 import json
 import os
-import secrets
 import socket
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from filelock import FileLock
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -36,6 +38,7 @@ from afina.core.settings import Settings
 from afina.jobs import workers
 from afina.models import Worker
 from afina.models.session import make_engine, make_session_factory
+from afina.worker.demo_model import ModelShape, build_demo_model
 
 # A resolved job configuration, for the job rows a test writes itself.
 JOB_CONFIG = JobConfig(
@@ -122,7 +125,8 @@ def afina_serve(
     `workdir/data`, `env` added to the environment), until it answers; stopped with SIGTERM
     at the end."""
     port = free_port()
-    base_env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
+    # Unbuffered: the tests read serve.log (the worker child's lines too) while it runs.
+    base_env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), "PYTHONUNBUFFERED": "1"}
     for name in ("AFINA_DATABASE_URL", "AFINA_BROKER_URL", "AFINA_STORAGE_URL", "AFINA_API_KEYS"):
         base_env.pop(name, None)
     env = {**base_env, **(env or {})}
@@ -190,6 +194,12 @@ def child_pids(pid: int) -> list[int]:
 
 
 REDIS_URL = os.environ.get("AFINA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Redis databases 1-15, dealt out in turn within this process from a block of its own, so
+# that two xdist workers never empty each other's.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_BLOCK = max(1, 15 // _WORKERS)
+_redis_databases = itertools.cycle(1 + (_WORKER * _BLOCK + i) % 15 for i in range(_BLOCK))
 
 
 def broker_url_for(database_url: str, data_dir: Path) -> str:
@@ -197,7 +207,7 @@ def broker_url_for(database_url: str, data_dir: Path) -> str:
     SQLite, a Redis database of its own (emptied) beside PostgreSQL."""
     if make_url(database_url).get_backend_name() == "sqlite":
         return f"sqla+sqlite:///{data_dir / 'broker.db'}"
-    url = f"{REDIS_URL}/{secrets.randbelow(15) + 1}"
+    url = f"{REDIS_URL}/{next(_redis_databases)}"
     connection = redis.Redis.from_url(url)
     connection.flushdb()  # a database of its own, emptied: no message of an earlier run
     connection.close()
@@ -260,3 +270,16 @@ def exhaust_sqlite(database_url: str) -> None:
         assert full.value.sqlite_errorcode == sqlite3.SQLITE_FULL
     finally:
         connection.close()
+
+
+def demo_model_in(root: Path, *, seed: int = 0, shape: ModelShape = ModelShape()) -> Path:
+    """The demo model of these parameters under `root`, built by whichever process asks first
+    (xdist workers share `root`, under a file lock) and only read after that."""
+    key = hashlib.sha256(repr((seed, shape)).encode()).hexdigest()[:12]
+    directory = root / f"demo-{key}"
+    with FileLock(root / f"demo-{key}.lock"):
+        if not directory.is_dir():
+            building = root / f"demo-{key}.building"
+            build_demo_model(building, seed=seed, shape=shape)
+            building.rename(directory)
+    return directory

@@ -1,6 +1,6 @@
-"""A real training stack for the end-to-end tests: the tiny demo model, and a Celery worker
-process beside the app, on each backend. Embedded: SQLite and kombu's SQLAlchemy broker on
-it. Production: the real PostgreSQL and Redis servers."""
+"""A real training stack for the end-to-end tests: a Celery worker process beside the app.
+Embedded: SQLite and kombu's SQLAlchemy broker on it. Production (tests marked
+`both_backends`): the real PostgreSQL and Redis servers."""
 
 import os
 import subprocess
@@ -15,15 +15,9 @@ from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
 from afina.core.settings import Settings
-from afina.worker.demo_model import build_demo_model
 from tests.support import LOCAL, broker_url_for
 
 FINAL = ("succeeded", "failed", "cancelled")
-
-
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
 def stack_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:

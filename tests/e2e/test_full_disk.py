@@ -54,26 +54,39 @@ def test_serve_gets_over_a_full_disk_by_itself(tmp_path, demo_model):
             f"the job never reached step 3:\n{log(tmp_path)}",
         )
 
-        filler = fill_disk(data)
-        refused = api.post(
-            "/v1/files",
-            data={"purpose": "fine-tune"},
-            files={"file": ("more.jsonl", arithmetic(8, seed=4))},
-        )
+        # The job training meanwhile frees a little now and then: fill the disk again until
+        # an upload meets it full (an upload that found room is deleted).
+        for _ in range(5):
+            filler = fill_disk(data)
+            refused = api.post(
+                "/v1/files",
+                data={"purpose": "fine-tune"},
+                files={"file": ("more.jsonl", arithmetic(8, seed=4))},
+            )
+            if refused.status_code != 200:
+                break
+            api.delete(f"/v1/files/{refused.json()['id']}")
         assert refused.status_code == 507, refused.text
         assert refused.json()["error"]["code"] == "insufficient_storage"
         ready = api.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["checks"]["storage"] == "not writable: the disk is full"
+        # Full, or nearly: the job may have freed a little since. The integration test
+        # tests/integration/test_full_disk.py pins each message.
+        storage = ready.json()["checks"]["storage"]
+        assert storage == "not writable: the disk is full" or storage.startswith("nearly full: "), (
+            storage
+        )
         deleted = api.delete(f"/v1/files/{spare}")
         assert deleted.status_code == 200, deleted.text
 
-        # Full again, what the delete freed included: the job's writes meet it and wait.
+        # Full again, what the delete freed included: the job's writes meet it and wait. Its
+        # heartbeat fails each second; its other writes retry, unless a checkpoint met the
+        # first fill and the run already waits for space.
         seen = len(log(tmp_path, whole=True))
         fill_disk(data)
-        waiting = f"heartbeat of {job_id} failed: the disk is full", "Retrying"
+        failing = f"heartbeat of {job_id} failed: the disk is full"
         wait_until(
-            lambda: all(line in log(tmp_path, whole=True)[seen:] for line in waiting),
+            lambda: failing in log(tmp_path, whole=True)[seen:],
             60,
             f"the job's writes never met the full disk:\n{log(tmp_path)}",
         )

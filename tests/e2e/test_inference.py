@@ -435,6 +435,8 @@ def test_a_tiny_temperature_samples_the_best_token_and_spoils_no_neighbour(stack
 def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(server, trained):
     url, _ = server
     body = {"model": trained["yes"]["fine_tuned_model"], "messages": ask("x" * 40_000)}
-    response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    # The server's first request waits for its model to load: longer than httpx's 5 s on a
+    # busy machine.
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     error = assert_error(response, 400, "messages", "context_length_exceeded")
     assert "40000 characters" in error["message"]  # counted, not tokenized

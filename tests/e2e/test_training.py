@@ -1,5 +1,6 @@
 """Jobs trained for real by a Celery worker process on the tiny demo model (CPU, 4-bit
-bitsandbytes, peft LoRA, trl SFT), on the embedded stack and on PostgreSQL + Redis."""
+bitsandbytes, peft LoRA, trl SFT), on the embedded stack (test_crash_recovery.py trains on
+PostgreSQL + Redis too)."""
 
 import json
 import random

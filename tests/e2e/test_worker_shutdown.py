@@ -6,7 +6,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
@@ -23,7 +22,6 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_stopped_worker_requeues_its_job_for_the_next(database_url, tmp_path, demo_model):
     settings = stack_settings(database_url, tmp_path)
     with TestClient(create_app(settings), base_url=LOCAL) as api:

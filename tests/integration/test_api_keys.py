@@ -1,6 +1,6 @@
 """Keys kept in the database: `afina keys create|list|revoke` as a user runs it (a real
-process on the real database, both backends), and the API honouring them at the next
-request, with no restart."""
+process on the real database), and the API honouring them at the next request, with no
+restart. Storing, revoking and honouring keys run on both backends."""
 
 import hashlib
 import os
@@ -46,6 +46,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.both_backends
 def test_a_created_key_is_shown_once_stored_hashed_and_opens_its_project(
     afina_keys, settings, client
 ):
@@ -85,6 +86,7 @@ def test_an_open_service_needs_a_key_from_the_first_key_stored(afina_keys, clien
     assert client.get("/v1/files", headers=bearer(key)).status_code == 200
 
 
+@pytest.mark.both_backends
 def test_a_revoked_key_stops_at_its_next_request_and_the_service_stays_closed(
     afina_keys, make_settings
 ):
@@ -124,9 +126,9 @@ def test_a_key_found_valid_is_remembered_for_key_cache_seconds_and_no_longer(
         assert client.get("/v1/files", headers=bearer(key)).status_code == 401
 
 
+@pytest.mark.both_backends
 def test_revoke_by_project_or_by_the_key_itself(afina_keys, make_settings):
-    # Not remembered: each request sees what `afina keys` did just before it, however fast.
-    settings = make_settings(key_cache_seconds=0)
+    settings = make_settings(key_cache_seconds=0)  # a revoked key stops at its next request
     alpha_1, alpha_2, beta = (create(afina_keys, p) for p in ("alpha", "alpha", "beta"))
 
     with TestClient(create_app(settings), base_url=LOCAL) as client:

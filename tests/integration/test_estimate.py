@@ -4,10 +4,8 @@ no live worker is refused, one that fits gets the batch size and checkpointing i
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from afina.api.app import create_app
 from afina.core.base_models import read_local_config
 from afina.core.datasets import ChatExample
 from afina.core.estimate import ModelShape
@@ -16,8 +14,7 @@ from afina.core.records import to_record
 from afina.jobs.planning import CPU_RESIDENT_FACTOR, FIT_SHARE
 from afina.jobs.workers import size_key
 from afina.models import Job, JobEvent, Worker
-from afina.worker.demo_model import build_demo_model
-from tests.support import LOCAL, assert_error, jsonl, register_worker, rows, upload
+from tests.support import assert_error, jsonl, register_worker, rows, upload
 
 CHATS = [
     {
@@ -30,15 +27,9 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return str(build_demo_model(tmp_path_factory.mktemp("models") / "demo"))
-
-
 @pytest.fixture
-def client(settings) -> TestClient:
-    with TestClient(create_app(settings), base_url=LOCAL) as test_client:
-        yield test_client
+def model(demo_model) -> str:
+    return str(demo_model)
 
 
 @pytest.fixture

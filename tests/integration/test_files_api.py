@@ -1,4 +1,5 @@
-"""/v1/files through HTTP, on SQLite and on the real PostgreSQL server."""
+"""/v1/files through HTTP, on SQLite; the cases marked `both_backends` (what SQL decides:
+paging, races, names with NUL or raw bytes, projects) on the real PostgreSQL server too."""
 
 import asyncio
 import json
@@ -30,6 +31,7 @@ def stored_files(settings) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and ".probe" not in p.parts)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     ("line", "expected_format"),
     [
@@ -100,6 +102,7 @@ def test_retrieve_download_list_delete(client, settings):
         assert_error(client.request(method, path), 404, "id", "not_found")
 
 
+@pytest.mark.both_backends
 def test_list_pages_with_after_and_limit(client):
     ids = [upload(client, CHAT, name=f"{i}.jsonl").json()["id"] for i in range(5)]
     newest_first = list(reversed(ids))
@@ -274,6 +277,7 @@ def test_readiness_is_503_when_the_broker_is_unreachable(make_settings):
     assert checks["database"] == "ok"
 
 
+@pytest.mark.both_backends
 def test_api_keys_gate_every_route_but_health_and_separate_projects(make_settings):
     settings = make_settings(api_keys=["alpha:key-a", "key-default"])
     app = create_app(settings)
@@ -311,6 +315,7 @@ def test_api_keys_gate_every_route_but_health_and_separate_projects(make_setting
     assert (status, body["error"]["code"], pulled) == (401, "missing_api_key", 0)
 
 
+@pytest.mark.both_backends
 def test_files_count_matches_uploads_under_concurrency(client, settings):
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(lambda _: upload(client, CHAT).status_code, range(8)))
@@ -319,6 +324,7 @@ def test_files_count_matches_uploads_under_concurrency(client, settings):
     assert len(stored_files(settings)) == 8
 
 
+@pytest.mark.both_backends
 def test_concurrent_deletes_of_one_file_succeed_once(client, settings):
     file_id = upload(client, CHAT).json()["id"]
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -330,6 +336,7 @@ def test_concurrent_deletes_of_one_file_succeed_once(client, settings):
     assert stored_files(settings) == []
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     ("path", "params", "status", "param"),
     [
@@ -345,6 +352,7 @@ def test_odd_ids_and_parameters_are_4xx_not_500(client, path, params, status, pa
     assert_error(client.get(path, params=params), status, param)
 
 
+@pytest.mark.both_backends
 def test_control_characters_are_dropped_from_the_file_name(client):
     raw = (  # by hand: httpx would percent-encode the NUL
         b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'

@@ -117,6 +117,7 @@ def raw_upload(client: TestClient, filename: bytes, content: bytes = CHAT):
 # --- uploads: the file name is metadata -----------------------------------------------------
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     ("name", "shown"),
     [
@@ -153,6 +154,7 @@ def test_a_file_name_is_metadata_and_never_a_path(client, settings, spool, tmp_p
     assert_nothing_stored(settings, spool, files=1)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     ("raw", "shown"),
     [

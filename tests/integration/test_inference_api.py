@@ -181,6 +181,7 @@ def test_checkpoint_names(client, settings):
     assert_error(chat(client, "ftjob-nothere:ckpt-step-10"), 404, "model", "model_not_found")
 
 
+@pytest.mark.both_backends
 def test_another_projects_models_are_not_found(make_settings):
     settings = make_settings(api_keys=["a:key1", "b:key2"], allowed_models=ALLOWED)
     mine = add_job(settings, JobStatus.SUCCEEDED, project="a", suffix="mine")

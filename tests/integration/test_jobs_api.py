@@ -45,6 +45,7 @@ def create(client: TestClient, body: dict):
     return client.post("/v1/fine_tuning/jobs", json=body)
 
 
+@pytest.mark.both_backends
 def test_create_queues_the_job_with_the_resolved_config(client, body, settings):
     body |= {
         "suffix": "my-model_1",
@@ -215,6 +216,7 @@ def test_a_hub_id_defers_max_seq_length_to_the_worker(client, body):
     assert job["config"]["training"]["max_seq_length"] is None
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
 def test_files_must_exist_and_belong_to_the_caller(make_settings, model_dir, field):
     app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
@@ -239,6 +241,7 @@ def test_an_unreachable_queue_stores_no_job(make_settings, model_dir):
     assert rows(settings, JobEvent) == []
 
 
+@pytest.mark.both_backends
 def test_list_pages_newest_first(client, body):
     ids = [create(client, body).json()["id"] for _ in range(3)]
     page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
@@ -275,6 +278,7 @@ def test_a_queued_job_has_events_but_no_checkpoints_or_metrics(client, body):
     assert metrics == {"object": "list", "job_id": job_id, "data": [], "has_more": False}
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     "path",
     ["", "/cancel", "/events", "/checkpoints", "/metrics"],
@@ -372,6 +376,7 @@ def test_a_symlink_out_of_the_allow_list_is_refused(make_settings, model_dir, tm
     assert_error(response, 400, "model", "model_not_available")
 
 
+@pytest.mark.both_backends
 def test_a_fine_tuned_model_name_over_the_column_is_refused(client, body, tmp_path, settings):
     deep = tmp_path / ("d" * 200) / ("e" * 200)  # under 512, but not with the rest
     deep.mkdir(parents=True)
@@ -389,6 +394,7 @@ def test_a_body_that_is_not_json_is_refused_plainly(client):
     assert error["message"].startswith("the body is not valid JSON")
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
 def test_a_file_an_unfinished_job_uses_cannot_be_deleted(client, body, settings, field):
     used = upload(client, jsonl({"prompt": "a", "completion": "b"})).json()["id"]

@@ -21,6 +21,8 @@ from afina.models import File, Job, JobStatus
 from afina.models.session import make_engine, make_session_factory
 from tests.support import JOB_CONFIG, serve_in_thread
 
+pytestmark = pytest.mark.both_backends
+
 FILE_ID = "file-LoadLoadLoadLoadLoadLoad"
 JOB_ID = "ftjob-LoadLoadLoadLoadLoadLoad"
 

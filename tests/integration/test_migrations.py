@@ -1,5 +1,6 @@
 """The Alembic history builds exactly the schema the ORM declares, on both backends."""
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -8,6 +9,8 @@ from sqlalchemy import inspect
 from afina.models import Base
 from afina.models.schema import alembic_config
 from afina.models.session import make_engine
+
+pytestmark = pytest.mark.both_backends
 
 
 def schema_diff(url: str) -> list:

@@ -5,6 +5,8 @@ import json
 import openai
 import pytest
 
+pytestmark = pytest.mark.both_backends
+
 LINES = [
     {"messages": [{"role": "user", "content": f"Say {n}"}, {"role": "assistant", "content": n}]}
     for n in ("one", "two", "three")

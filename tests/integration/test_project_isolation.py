@@ -37,6 +37,8 @@ from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
 from tests.support import JOB_CONFIG, assert_error, jsonl, register_worker, rows, upload
 
+pytestmark = pytest.mark.both_backends
+
 ALPHA = {"Authorization": "Bearer key-a"}
 BETA = {"Authorization": "Bearer key-b"}
 WRONG_KEY = {"Authorization": "Bearer key-c"}

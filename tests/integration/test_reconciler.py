@@ -50,6 +50,8 @@ from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
 from tests.support import JOB_CONFIG, broker_url_for
 
+pytestmark = pytest.mark.both_backends
+
 TIMEOUT = 30.0  # AFINA_WORKER_TIMEOUT_SECONDS
 MAX_ATTEMPTS = 3
 SILENT = timedelta(seconds=3 * TIMEOUT)  # how long a lost worker's job has had no heartbeat

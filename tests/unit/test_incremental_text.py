@@ -9,15 +9,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from afina.serving.text import IncrementalText
-from afina.worker.demo_model import build_demo_model
 
 INCOMPLETE = "\ufffd"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    directory: Path = build_demo_model(tmp_path_factory.mktemp("demo-model"))
-    return AutoTokenizer.from_pretrained(directory)
+def tokenizer(demo_model: Path):
+    return AutoTokenizer.from_pretrained(demo_model)
 
 
 @pytest.fixture(scope="module")

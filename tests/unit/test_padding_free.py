@@ -12,17 +12,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from afina.core.job_config import ConfigRequest, LoraSettings, resolve_config
 from afina.core.records import IGNORE_INDEX
-from afina.worker.demo_model import build_demo_model
 from afina.worker.training.attention import PACKED_SDPA
 from afina.worker.training.fast_path import resolve_engine
 from afina.worker.training.model import load_model
 
 LENGTHS = (37, 5, 120, 64, 1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("demo-model"))
 
 
 def records() -> list[dict[str, list[int]]]:
@@ -42,12 +36,12 @@ def loss(model, *, padding_free: bool) -> torch.Tensor:
         return model(**batch, use_cache=False).loss
 
 
-def trained_model(model_dir: Path, attention: str):
+def trained_model(demo_model: Path, attention: str):
     """The model as afina trains it (4-bit base, LoRA on every linear layer), its LoRA B
     weights made non-zero so that the adapters count, in eval mode (no dropout)."""
     torch.manual_seed(0)
     model = load_model(
-        str(model_dir),
+        str(demo_model),
         quantization=resolve_config(
             ConfigRequest(), num_examples=1, model_max_length=512
         ).quantization,
@@ -61,27 +55,27 @@ def trained_model(model_dir: Path, attention: str):
     return model.eval()
 
 
-def test_sdpa_resolves_to_attention_split_per_example(model_dir):
+def test_sdpa_resolves_to_attention_split_per_example(demo_model):
     config = resolve_config(ConfigRequest(), num_examples=1, model_max_length=512)
-    resolved, attention = resolve_engine(config, AutoConfig.from_pretrained(model_dir))
+    resolved, attention = resolve_engine(config, AutoConfig.from_pretrained(demo_model))
     assert attention == PACKED_SDPA
     assert resolved.training.attention == "sdpa"
     assert resolved.training.padding_free is True
 
 
 @pytest.mark.parametrize("attention", [PACKED_SDPA, "sdpa", "eager"])
-def test_a_padding_free_batch_has_the_loss_of_the_same_examples_padded(model_dir, attention):
+def test_a_padding_free_batch_has_the_loss_of_the_same_examples_padded(demo_model, attention):
     """`packed_sdpa` splits the row per example; transformers' sdpa and eager build a
     block-diagonal mask from the position ids."""
-    model = trained_model(model_dir, attention)
+    model = trained_model(demo_model, attention)
     padded = loss(model, padding_free=False)
     assert loss(model, padding_free=True).item() == pytest.approx(padded.item(), abs=1e-4)
 
 
-def test_the_comparison_sees_attention_across_examples(model_dir):
+def test_the_comparison_sees_attention_across_examples(demo_model):
     """The same row with positions that never start again: each example attends to the ones
     before it, and the loss is another."""
-    model = trained_model(model_dir, PACKED_SDPA)
+    model = trained_model(demo_model, PACKED_SDPA)
     batch = DataCollatorForLanguageModeling(pad_token_id=3, padding_free=True)(records())
     length = batch["input_ids"].shape[1]
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """Examples -> records: which real token ids of the demo tokenizer carry loss, for each
 format, and how `to_records` cuts, drops and counts."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,24 +22,18 @@ from afina.core.records import (
     to_record,
     to_records,
 )
-from afina.worker.demo_model import build_demo_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("demo-model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
+def tokenizer(demo_model):
     """Shared by the tests that do not change it."""
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(demo_model)
 
 
 @pytest.fixture
-def fresh_tokenizer(model_dir):
+def fresh_tokenizer(demo_model):
     """A tokenizer of its own, for a test that changes it."""
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(demo_model)
 
 
 def chat(*messages: tuple[str, str] | tuple[str, str, int]) -> ChatExample:
