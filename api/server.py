@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from afina.api.asgi import RECEIVED_AT
 from afina.core.settings import Settings
@@ -32,9 +32,19 @@ REQUEST_TIMEOUT = (
 )
 
 
+# `GET /healthz`, answered by the protocol itself (the app's route answers the same).
+HEALTH_PATH = "/healthz"
+HEALTH_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")],
+}
+HEALTH_BODY = {"type": "http.response.body", "body": b'{"status":"ok"}'}
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools) with a connection cap and a header timeout;
-    `guarded_protocol` sets the two limits."""
+    """uvicorn's HTTP/1.1 protocol (httptools) with a connection cap and a header timeout
+    (`guarded_protocol` sets the two limits), which answers `GET /healthz` itself."""
 
     max_connections = 2048
     header_timeout = 10.0
@@ -62,6 +72,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if not self._answered_health(cycle):
+            super()._start_asgi_task(cycle, app)
+
+    def _answered_health(self, cycle: RequestResponseCycle) -> bool:
+        """`GET /healthz` answered as it arrives, not as a task behind every request the app
+        has in hand (a burst put it 150 ms back): an orchestrator must tell a busy API from a
+        dead one. The answer goes through the request's own cycle, which keeps the
+        connection's keep-alive and pipelining right; with writes paused (a client that
+        reads nothing), it takes the usual way."""
+        scope = cycle.scope
+        if scope["method"] != "GET" or scope["path"] != HEALTH_PATH or self.flow.write_paused:
+            return False
+        for message in (HEALTH_START, HEALTH_BODY):
+            sending = cycle.send(message)  # type: ignore[arg-type]
+            try:
+                sending.send(None)  # writes are not paused: it returns without waiting
+            except StopIteration:
+                continue
+            sending.close()
+            raise RuntimeError("writing /healthz's answer waited")
+        return True
 
     def _wait_for_head(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
