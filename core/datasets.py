@@ -8,12 +8,15 @@ One JSON object per line, UTF-8, one format per file (DESIGN.md, "Datasets"):
 | prompt-completion | {"prompt": "...", "completion": "..."}                       |
 | instruction       | {"instruction": "...", "input"?: "...", "output": "..."}     |
 | text              | {"text": "..."}                                              |
+| preference        | {"input": {"messages": [...]}, "preferred_output": [...],    |
+|                   |  "non_preferred_output": [...]} (OpenAI's, for DPO)          |
 
 The file is read a block at a time with a bound on the line length, so memory stays constant
 however large the file is. Every line is checked; the first `MAX_REPORTED_ERRORS` problems
 are reported with their line numbers, the rest are counted.
 
-Two checkers give the same verdict on every line. The fast one is pydantic-core's JSON
+Two checkers give the same verdict on every line of the four SFT formats (a preference file
+has the detailed one alone). The fast one is pydantic-core's JSON
 validator with one schema per format (no Python object but the fields it keeps, no Python
 call but for chat's rules on assistant turns); it only ever accepts. A line it does not
 accept goes to the detailed one (Python's JSON parser, then the pydantic models below), which
@@ -61,6 +64,7 @@ class DatasetFormat(StrEnum):
     PROMPT_COMPLETION = "prompt-completion"
     INSTRUCTION = "instruction"
     TEXT = "text"
+    PREFERENCE = "preference"
 
 
 def _encodable(value: str) -> str:
@@ -174,17 +178,74 @@ class TextExample(_Example):
         return len(self.text)
 
 
-Example = ChatExample | PromptCompletionExample | InstructionExample | TextExample
+class PreferenceInput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def ends_with_a_user_turn(self) -> "PreferenceInput":
+        if self.messages[-1].role != "user":
+            raise PydanticCustomError(
+                "last_turn", "must end with a user message: the outputs are answers to it"
+            )
+        return self
+
+
+def _assistant_only(messages: list[ChatMessage]) -> list[ChatMessage]:
+    for message in messages:
+        if message.role != "assistant":
+            raise PydanticCustomError(
+                "output_role",
+                "an output is the assistant's answer: role must be assistant, got {role}",
+                {"role": shown(message.role)},
+            )
+    return messages
+
+
+Output = Annotated[list[ChatMessage], Field(min_length=1), AfterValidator(_assistant_only)]
+
+
+class PreferenceExample(_Example):
+    """OpenAI's preference line: a conversation ending with a user turn, and two answers to
+    it, the one to prefer and the other."""
+
+    input: PreferenceInput
+    preferred_output: Output
+    non_preferred_output: Output
+
+    @model_validator(mode="after")
+    def answers_differ(self) -> "PreferenceExample":
+        def said(output: list[ChatMessage]) -> list[str]:
+            return [message.content for message in output]
+
+        if said(self.preferred_output) == said(self.non_preferred_output):
+            raise PydanticCustomError(
+                "identical_outputs",
+                "preferred_output and non_preferred_output say the same: nothing to prefer",
+            )
+        return self
+
+    def characters(self) -> int:
+        messages = [*self.input.messages, *self.preferred_output, *self.non_preferred_output]
+        return sum(len(message.content) for message in messages)
+
+
+Example = (
+    ChatExample | PromptCompletionExample | InstructionExample | TextExample | PreferenceExample
+)
 
 EXAMPLE_MODELS: dict[DatasetFormat, type[_Example]] = {
     DatasetFormat.CHAT: ChatExample,
     DatasetFormat.PROMPT_COMPLETION: PromptCompletionExample,
     DatasetFormat.INSTRUCTION: InstructionExample,
     DatasetFormat.TEXT: TextExample,
+    DatasetFormat.PREFERENCE: PreferenceExample,
 }
 
 # Which keys announce which format, tried in this order.
 _FORMAT_KEYS: list[tuple[DatasetFormat, tuple[str, ...]]] = [
+    (DatasetFormat.PREFERENCE, ("preferred_output", "non_preferred_output")),
     (DatasetFormat.CHAT, ("messages",)),
     (DatasetFormat.PROMPT_COMPLETION, ("prompt", "completion")),
     (DatasetFormat.INSTRUCTION, ("instruction", "output")),
@@ -379,7 +440,8 @@ class _LineChecker:
             if line_format is None:
                 raise _InvalidLine(
                     "unknown format: expected a 'messages', 'prompt'/'completion', "
-                    "'instruction'/'output' or 'text' field"
+                    "'instruction'/'output', 'text' or 'preferred_output'/"
+                    "'non_preferred_output' field"
                 )
             if self.format is not None and line_format != self.format:
                 raise _InvalidLine(
@@ -560,8 +622,7 @@ def validate_dataset(stream: BinaryIO, *, max_line_bytes: int) -> DatasetReport:
                 continue
             report.num_examples += 1
             report.characters += result.characters()
-            if fast is None:
-                assert checker.format is not None
+            if fast is None and checker.format in _CLOSED:
                 fast = _FastChecker(checker.format)
     report.format = checker.format
     if not report.num_examples and not report.num_bad_lines:

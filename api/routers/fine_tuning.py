@@ -41,6 +41,7 @@ from afina.api.schemas.jobs import (
     MetricSeries,
 )
 from afina.core import base_models
+from afina.core.datasets import DatasetFormat
 from afina.core.disk import freeing_space, is_disk_full
 from afina.core.estimate import ModelShape, size
 from afina.core.ids import new_id
@@ -99,6 +100,15 @@ def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
     if row is None:
         raise APIError(
             400, f"No file with id {shown_id(file_id)}", param=param, code="file_not_found"
+        )
+    if row.format == DatasetFormat.PREFERENCE:
+        raise APIError(
+            400,
+            f"File {row.id} holds preference data (chosen and rejected answers): it trains "
+            "with method 'dpo', which this afina does not run yet; supervised fine-tuning "
+            "takes a chat, prompt-completion, instruction or text file",
+            param=param,
+            code="invalid_file_format",
         )
     return row
 

@@ -445,3 +445,25 @@ def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, set
             "machine's Hugging Face cache)",
             "Job queued",
         ]
+
+
+PREFERENCE = jsonl(
+    {
+        "input": {"messages": [{"role": "user", "content": "2+2?"}]},
+        "preferred_output": [{"role": "assistant", "content": "4"}],
+        "non_preferred_output": [{"role": "assistant", "content": "5"}],
+    }
+)
+
+
+@pytest.mark.parametrize("param", ["training_file", "validation_file"])
+def test_preference_data_uploads_but_does_not_train_a_supervised_job(client, settings, param):
+    uploaded = upload(client, PREFERENCE).json()
+    assert uploaded["validation"]["format"] == "preference"
+    chat = upload(client, CHAT).json()["id"]
+    body = {"model": "org/base", "training_file": chat, param: uploaded["id"]}
+    error = assert_error(
+        client.post("/v1/fine_tuning/jobs", json=body), 400, param, "invalid_file_format"
+    )
+    assert "preference data" in error["message"]
+    assert rows(settings, Job) == []

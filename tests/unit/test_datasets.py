@@ -317,7 +317,8 @@ def test_an_error_quotes_at_most_80_characters_of_a_value_from_the_file():
 
 # --- The fast checker and the detailed one give the same verdicts ------------------------
 
-# One good line per format, the file's first line in the tests below.
+# One good line per format the fast checker knows (the SFT formats), the file's first line in
+# the tests below.
 FIRST = {
     DatasetFormat.CHAT: chat(USER, ASSISTANT),
     DatasetFormat.PROMPT_COMPLETION: {"prompt": "2+2=", "completion": "4"},
@@ -444,7 +445,7 @@ def as_tuple(report) -> tuple:
 
 
 @pytest.mark.parametrize("line", GOOD + UNUSUAL + BAD, ids=lambda line: repr(line[:50]))
-@pytest.mark.parametrize("dataset_format", list(DatasetFormat))
+@pytest.mark.parametrize("dataset_format", list(FIRST))
 def test_fast_and_detailed_checkers_agree_on_every_line(monkeypatch, dataset_format, line):
     data = jsonl(FIRST[dataset_format]) + line + b"\n" + jsonl(FIRST[dataset_format])
     assert as_tuple(check(data, 1_000_000)) == as_tuple(detailed_only(monkeypatch, data, 1_000_000))
@@ -455,7 +456,7 @@ def test_fast_and_detailed_checkers_agree_on_every_line(monkeypatch, dataset_for
         assert report.characters == check(jsonl(FIRST[dataset_format])).characters + verdict
 
 
-@pytest.mark.parametrize("dataset_format", list(DatasetFormat))
+@pytest.mark.parametrize("dataset_format", list(FIRST))
 def test_the_fast_checker_takes_the_good_lines_of_its_format(dataset_format):
     ours = [line for line in GOOD if datasets.detect_format(json.loads(line)) == dataset_format]
     assert ours
@@ -500,3 +501,51 @@ def test_lines_are_the_same_whatever_the_block_size(monkeypatch, block_bytes):
         10,
         "line is longer than 100 bytes",
     )
+
+
+# --- Preference data (OpenAI's format, for DPO) ----------------------------------------------
+
+PREFERENCE = {
+    "input": {"messages": [{"role": "system", "content": "Be brief."}, USER]},
+    "preferred_output": [{"role": "assistant", "content": "4"}],
+    "non_preferred_output": [{"role": "assistant", "content": "It is four."}],
+}
+
+
+def test_a_preference_file_is_its_own_format_counted_over_every_message():
+    report = check(jsonl(PREFERENCE, PREFERENCE))
+    assert (report.format, report.num_examples, report.errors) == (DatasetFormat.PREFERENCE, 2, [])
+    characters = len("Be brief.") + len(USER["content"]) + len("4") + len("It is four.")
+    assert report.characters == 2 * characters
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"preferred_output": []}, "preferred_output: List should have at least 1 item"),
+        ({"non_preferred_output": None}, "non_preferred_output: Input should be a valid list"),
+        (
+            {"non_preferred_output": [{"role": "user", "content": "5"}]},
+            "non_preferred_output: an output is the assistant's answer: role must be assistant, "
+            "got 'user'",
+        ),
+        (
+            {"non_preferred_output": [{"role": "assistant", "content": "4"}]},
+            "preferred_output and non_preferred_output say the same: nothing to prefer",
+        ),
+        (
+            {"input": {"messages": [USER, {"role": "assistant", "content": "4"}]}},
+            "input: must end with a user message: the outputs are answers to it",
+        ),
+        ({"preferred_output": [{"role": "assistant", "content": " "}]}, "must not be empty"),
+    ],
+)
+def test_a_bad_preference_line_is_named_with_what_is_wrong(change, message):
+    line, error = only_error(jsonl(PREFERENCE, {**PREFERENCE, **change}))
+    assert line == 2
+    assert message in error, error
+
+
+def test_a_preference_line_in_a_chat_file_is_a_mixed_format():
+    line, error = only_error(jsonl(chat(USER, ASSISTANT), PREFERENCE))
+    assert (line, error) == (2, "mixed formats: this line is preference but line 1 is chat")
