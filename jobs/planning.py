@@ -53,7 +53,9 @@ class Dataset:
     counted: bool
 
 
-class Settings(BaseModel):
+class PlannedSettings(BaseModel):
+    """What the run will use for the settings a body may leave "auto"."""
+
     batch_size: int
     gradient_checkpointing: bool
     max_seq_length: int
@@ -77,7 +79,7 @@ class Plan(BaseModel):
     steps: int
     estimated_seconds: float | None
     estimated_from: Literal["measured_throughput", "flops_model"] | None
-    settings: Settings
+    settings: PlannedSettings
     fits: Fits
 
 
@@ -220,7 +222,7 @@ def plan(
         steps=_steps(config, data, chosen.batch_size),
         estimated_seconds=seconds,
         estimated_from=source,
-        settings=Settings(
+        settings=PlannedSettings(
             batch_size=chosen.batch_size,
             gradient_checkpointing=chosen.checkpointing,
             max_seq_length=config.training.max_seq_length,
@@ -259,7 +261,7 @@ def _seconds(
 
 
 def applied(
-    config: JobConfig, settings: Settings, *, batch_size: bool, checkpointing: bool
+    config: JobConfig, settings: PlannedSettings, *, batch_size: bool, checkpointing: bool
 ) -> JobConfig:
     """`config` with what the plan picked for the settings that were "auto"."""
     hyperparameters, training = config.hyperparameters, config.training

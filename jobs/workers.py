@@ -66,8 +66,8 @@ def live(session: Session, timeout_seconds: float) -> Sequence[Worker]:
 
 def size_key(parameters: int, bits: int | None) -> str:
     """How throughput is filed: the model's parameters to two significant figures, and the
-    bits its base is loaded at (`7.2e9:4`)."""
-    return f"{float(f'{parameters:.2g}'):.2g}:{bits or 16}"
+    bits its base is loaded at (`7.2e+09:4`)."""
+    return f"{parameters:.2g}:{bits or 16}"
 
 
 def record_throughput(

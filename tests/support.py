@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from afina.api.server import Server, server_config
+from afina.core.ids import new_id
 from afina.core.job_config import (
     JobConfig,
     LoraSettings,
@@ -36,7 +37,7 @@ from afina.core.job_config import (
 )
 from afina.core.settings import Settings
 from afina.jobs import workers
-from afina.models import Worker
+from afina.models import Job, JobStatus, Worker
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.demo_model import ModelShape, build_demo_model
 
@@ -50,6 +51,39 @@ JOB_CONFIG = JobConfig(
 
 # Where the test clients send requests: an afina with no key answers only its loopback.
 LOCAL = "http://localhost"
+
+
+def job_row(**values: Any) -> Job:
+    """A job row as the API stores one (a new id, `JOB_CONFIG`), for a test that writes its
+    own; `values` set or replace its columns."""
+    defaults = {
+        "id": new_id("ftjob"),
+        "project": "proj",
+        "status": JobStatus.QUEUED,
+        "model": "org/base-model",
+        "training_file_id": "file-abc",
+        "seed": 1,
+        "config": JOB_CONFIG.model_dump(mode="json"),
+    }
+    return Job(**{**defaults, **values})
+
+
+def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a request to this path, for a test that calls the app itself."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "headers": headers,
+    }
 
 
 def jsonl(*examples: dict[str, Any]) -> bytes:

@@ -1,5 +1,5 @@
-"""What this worker trains on, as the registry shows it: its first GPU, or the CPU and the
-machine's memory."""
+"""What this worker trains on: its first GPU, or the CPU and the machine's memory; what the
+registry shows of it, and the memory a run may still use."""
 
 import os
 import re
@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from afina.jobs.workers import Device
-from afina.worker.training.checkpointing import free_memory
 
 _MEMINFO = Path("/proc/meminfo")
 _CPUINFO = Path("/proc/cpuinfo")
@@ -22,11 +21,24 @@ def _proc_field(path: Path, pattern: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
+def _meminfo_bytes(field: str) -> int:
+    """A /proc/meminfo figure in bytes; 0 where the system does not say."""
+    return int(_proc_field(_MEMINFO, rf"^{field}:\s+(\d+) kB") or 0) * 1024
+
+
+def free_memory() -> int:
+    """Bytes a run may still use: free GPU memory, or the memory the OS calls available
+    (0 when it does not say: a run then checkpoints)."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    return _meminfo_bytes("MemAvailable")
+
+
 def this_device() -> Device:
     cores = len(os.sched_getaffinity(0))
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(0)
         return Device("cuda", torch.cuda.get_device_name(0), total, free, cores)
-    total = _proc_field(_MEMINFO, r"^MemTotal:\s+(\d+) kB")
     name = _proc_field(_CPUINFO, r"^model name\s*:(.*)$") or "CPU"
-    return Device("cpu", name, int(total or 0) * 1024, free_memory(), cores)
+    return Device("cpu", name, _meminfo_bytes("MemTotal"), free_memory(), cores)

@@ -9,8 +9,7 @@ import threading
 from sqlalchemy.orm import Session, sessionmaker
 
 from afina.jobs import workers
-from afina.worker.device import this_device
-from afina.worker.training.checkpointing import free_memory
+from afina.worker.device import free_memory, this_device
 
 logger = logging.getLogger(__name__)
 

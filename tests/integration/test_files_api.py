@@ -15,7 +15,7 @@ from afina.api import uploads
 from afina.api.app import create_app
 from afina.api.limits import MULTIPART_OVERHEAD
 from afina.models import File
-from tests.support import LOCAL, assert_error, rows, upload
+from tests.support import LOCAL, assert_error, http_scope, rows, upload
 
 CHAT = b"".join(
     json.dumps(
@@ -185,24 +185,8 @@ def post_chunked_upload(app, chunks: int, headers: tuple = ()) -> tuple[int, dic
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/files",
-        "raw_path": b"/v1/files",
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "headers": [
-            (b"host", b"localhost"),
-            (b"content-type", b"multipart/form-data; boundary=b"),
-            *headers,
-        ],
-    }
+    multipart = [(b"host", b"localhost"), (b"content-type", b"multipart/form-data; boundary=b")]
+    scope = http_scope("POST", "/v1/files", [*multipart, *headers])
     asyncio.run(app(scope, receive, send))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(body), pulled

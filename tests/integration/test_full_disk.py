@@ -27,7 +27,6 @@ from sqlalchemy import select
 
 from afina.api.app import create_app
 from afina.core.disk import MiB, SpaceReserve
-from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, file_key, resume_key
 from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
@@ -46,6 +45,7 @@ from tests.support import (
     exhaust_sqlite,
     fill_disk,
     free_space,
+    job_row,
     jsonl,
     rows,
     small_disk,
@@ -97,15 +97,7 @@ def stored_files(settings: Settings) -> list[str]:
 def queued_job(settings: Settings, training_file: str) -> str:
     """A job as the API stores it, queued (no worker takes it here)."""
     engine = make_engine(settings.database_url)
-    job = Job(
-        id=new_id("ftjob"),
-        project="default",
-        status=JobStatus.QUEUED,
-        model="org/base-model",
-        training_file_id=training_file,
-        seed=1,
-        config=JOB_CONFIG.model_dump(mode="json"),
-    )
+    job = job_row(project="default", training_file_id=training_file)
     with make_session_factory(engine).begin() as session:
         session.add(job)
     engine.dispose()
@@ -277,15 +269,7 @@ def run(make_settings, disk: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     context = WorkerContext(
         settings, make_session_factory(engine), ArtifactStorage(settings.storage_url)
     )
-    job = Job(
-        id=new_id("ftjob"),
-        project="proj",
-        status=JobStatus.QUEUED,
-        model="org/base-model",
-        training_file_id="file-abc",
-        seed=1,
-        config=JOB_CONFIG.model_dump(mode="json"),
-    )
+    job = job_row()
     with context.session_factory.begin() as session:
         session.add(job)
     monkeypatch.setattr(job_runner, "SPACE_POLL_SECONDS", 0.05)

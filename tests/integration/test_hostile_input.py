@@ -34,7 +34,7 @@ from afina.core.settings import Settings
 from afina.core.storage import TEMPORARY_MARK, adapter_key
 from afina.models import File, Job, JobEvent, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from tests.support import JOB_CONFIG, LOCAL, assert_error, jsonl, rows, upload
+from tests.support import LOCAL, assert_error, http_scope, job_row, jsonl, rows, upload
 
 ALLOWED = ["org/*", "/models/*"]  # globs only: no base model is callable by name
 BASE = "org/base-model"
@@ -442,20 +442,8 @@ def chunked_upload(app, chunks: list[bytes], end: dict | None = None) -> list[di
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/files",
-        "raw_path": b"/v1/files",
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "headers": [(b"host", b"localhost"), (b"content-type", MULTIPART.encode())],
-    }
+    headers = [(b"host", b"localhost"), (b"content-type", MULTIPART.encode())]
+    scope = http_scope("POST", "/v1/files", headers)
     with contextlib.suppress(Exception):  # a disconnected client gets nothing it could read
         asyncio.run(app(scope, receive, send))
     return sent
@@ -711,17 +699,11 @@ def test_models_outside_the_allow_list_are_refused_at_create(
 def fine_tuned(settings: Settings) -> str:
     """A model that resolves (a succeeded job with its adapter on disk): hostile bodies that
     name it must still be refused before the engine."""
-    job = Job(
-        id=new_id("ftjob"),
+    job = job_row(
         project="default",
         status=JobStatus.SUCCEEDED,
         model=BASE,
         training_file_id=new_id("file"),
-        validation_file_id=None,
-        suffix=None,
-        seed=1,
-        user_metadata=None,
-        config=JOB_CONFIG.model_dump(mode="json"),
         finished_at=datetime.now(UTC),
     )
     job.fine_tuned_model = job.fine_tuned_model_name()

@@ -18,10 +18,10 @@ from afina.api.app import create_app
 from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
-from afina.models import Job, JobCheckpoint, JobStatus
+from afina.models import JobCheckpoint, JobStatus
 from afina.models.session import make_engine, make_session_factory
 from afina.serving.engine import InferenceEngine
-from tests.support import JOB_CONFIG, LOCAL, assert_error
+from tests.support import LOCAL, assert_error, job_row
 
 ALLOWED = ["/models/a", "org/*"]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -53,17 +53,8 @@ def add_job(
     checkpoints: tuple[int, ...] = (),
 ) -> Stored:
     """A job row as a worker leaves it: a succeeded one has its fine-tuned model's name."""
-    job = Job(
-        id=new_id("ftjob"),
-        project=project,
-        status=status,
-        model=model,
-        training_file_id=new_id("file"),
-        validation_file_id=None,
-        suffix=suffix,
-        seed=1,
-        user_metadata=None,
-        config=JOB_CONFIG.model_dump(mode="json"),
+    job = job_row(
+        project=project, status=status, model=model, training_file_id=new_id("file"), suffix=suffix
     )
     if status == JobStatus.SUCCEEDED:
         job.fine_tuned_model = job.fine_tuned_model_name()

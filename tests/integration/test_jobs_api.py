@@ -3,12 +3,14 @@ refuses, what it stores, listing, cancelling, and the empty series of a queued j
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
+from afina.jobs import lifecycle
 from afina.models import Job, JobEvent, JobStatus
 from tests.support import LOCAL, assert_error, jsonl, rows, upload
 
@@ -430,8 +432,11 @@ def test_a_json_body_over_its_limit_is_refused_before_it_is_read(make_settings, 
     assert len(rows(settings, Job)) == 1
 
 
-def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, settings):
-    """They are written in one transaction; the list orders by time, then by a random id."""
+def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, settings, monkeypatch):
+    """They are written in one transaction; the list orders by time, then by a random id.
+    With the clock stopped, only the microsecond between them keeps their order."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    monkeypatch.setattr(lifecycle, "utcnow", lambda: now)
     training = upload(client, CHAT).json()["id"]
     for _ in range(5):
         job = client.post(
@@ -445,6 +450,8 @@ def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, set
             "machine's Hugging Face cache)",
             "Job queued",
         ]
+        written = sorted(e.created_at for e in rows(settings, JobEvent) if e.job_id == job)
+        assert written == [now + timedelta(microseconds=n) for n in range(3)]
 
 
 PREFERENCE = jsonl(

@@ -19,9 +19,9 @@ import pytest
 from sqlalchemy import event
 
 from afina.api.app import create_app
-from afina.models import File, Job, JobStatus
+from afina.models import File, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from tests.support import JOB_CONFIG, serve_in_thread
+from tests.support import job_row, serve_in_thread
 
 pytestmark = pytest.mark.both_backends
 
@@ -45,14 +45,12 @@ def _seed(settings, project: str = "default") -> None:
         )
         db.flush()
         db.add(
-            Job(
+            job_row(
                 id=JOB_ID,
                 project=project,
                 status=JobStatus.RUNNING,
                 model="org/m",
                 training_file_id=FILE_ID,
-                seed=1,
-                config=JOB_CONFIG.model_dump(mode="json"),
             )
         )
 

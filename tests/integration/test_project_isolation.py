@@ -35,7 +35,7 @@ from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
-from tests.support import JOB_CONFIG, assert_error, jsonl, register_worker, rows, upload
+from tests.support import assert_error, job_row, jsonl, register_worker, rows, upload
 
 pytestmark = pytest.mark.both_backends
 
@@ -459,15 +459,7 @@ class World:
 
 
 def add_job(db, project: str, status: JobStatus, training_file: str, **values: Any) -> Job:
-    job = Job(
-        id=new_id("ftjob"),
-        project=project,
-        status=status,
-        training_file_id=training_file,
-        seed=1,
-        config=JOB_CONFIG.model_dump(mode="json"),
-        **values,
-    )
+    job = job_row(project=project, status=status, training_file_id=training_file, **values)
     db.add(job)
     db.flush()
     db.add(new_event(job.id, f"Validated training file {training_file}: {SECRET_TEXT}"))

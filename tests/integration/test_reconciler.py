@@ -24,7 +24,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import (
     TEMPORARY_MARK,
@@ -48,7 +47,7 @@ from afina.worker.process import shutdown_requested
 from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.sft import TrainingOutcome
-from tests.support import JOB_CONFIG, broker_url_for
+from tests.support import JOB_CONFIG, broker_url_for, job_row
 
 pytestmark = pytest.mark.both_backends
 
@@ -131,16 +130,7 @@ def stack(
 
 
 def add_job(stack: Stack, status: JobStatus, **values: Any) -> Job:
-    job = Job(
-        id=new_id("ftjob"),
-        project="proj",
-        status=status,
-        model="org/base-model",
-        training_file_id="file-abc",
-        seed=1,
-        config=JOB_CONFIG.model_dump(mode="json"),
-        **values,
-    )
+    job = job_row(status=status, **values)
     with stack.session_factory.begin() as session:
         session.add(job)
     return job

@@ -14,29 +14,10 @@ that the estimate lets through without checkpointing and that runs out of memory
 `out_of_memory`, which names the setting.
 """
 
-import re
-from pathlib import Path
-
-import torch
-
 from afina.core.estimate import LORA_DTYPE_BYTES, ModelShape
 
 # The share of the free memory that the activations and the optimizer may take.
 HEADROOM = 0.7
-_MEMINFO = Path("/proc/meminfo")
-
-
-def free_memory() -> int:
-    """Bytes the run may still use: free GPU memory, or the memory the OS calls available
-    (0 when it does not say: the run then checkpoints)."""
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return free
-    try:
-        found = re.search(r"^MemAvailable:\s+(\d+) kB", _MEMINFO.read_text(), re.MULTILINE)
-    except OSError:
-        found = None
-    return int(found.group(1)) * 1024 if found else 0
 
 
 def needs_checkpointing(

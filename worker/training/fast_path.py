@@ -11,8 +11,9 @@ from transformers.utils import is_flash_attn_2_available, is_liger_kernel_availa
 from afina.core.estimate import ModelShape, tokens_per_step
 from afina.core.job_config import JobConfig
 from afina.core.model_loading import compute_dtype
+from afina.worker.device import free_memory
 from afina.worker.training.attention import PACKED_SDPA
-from afina.worker.training.checkpointing import free_memory, needs_checkpointing
+from afina.worker.training.checkpointing import needs_checkpointing
 
 
 def _model_class(model_config: PretrainedConfig) -> type | None:
