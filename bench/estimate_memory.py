@@ -65,7 +65,7 @@ def child(model: str, data: str, name: str, length: int, workdir: str) -> None:
     import torch
 
     from afina.core.job_config import ConfigRequest, resolve_config
-    from afina.worker.training.sft import TrainingRun, train
+    from afina.worker.training.run import TrainingRun, train
 
     bits, batch, checkpointing = CONFIGS[name]
     request = ConfigRequest.model_validate(

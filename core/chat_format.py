@@ -1,9 +1,11 @@
 """How a model's text is framed, shared by training and serving so that a prompt is served
-as its examples were trained: the chat template a tokenizer without one gets (ChatML), and
-BOS before plain text."""
+as its examples were trained: the chat template a tokenizer without one gets (ChatML), BOS
+before plain text, and what ends a turn."""
 
+from dataclasses import dataclass
 from typing import Any
 
+_PROBE = "afina-end-of-turn-probe"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -27,3 +29,40 @@ def bos_prefix(tokenizer: Any, text: str) -> str:
 def prompt_text(tokenizer: Any, prompt: str) -> str:
     """A plain prompt as training renders it before its completion: BOS first."""
     return bos_prefix(tokenizer, prompt) + prompt
+
+
+@dataclass(frozen=True)
+class Stops:
+    """Where generation ends: token ids, and strings for markers that are not one token."""
+
+    ids: frozenset[int] = frozenset()
+    strings: tuple[str, ...] = ()
+
+
+def end_of_turn(tokenizer: Any) -> Stops:
+    """What the chat template writes after an assistant's message (`<|im_end|>`,
+    `<|eot_id|>`, `</s>` ...), found by rendering one."""
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that cannot render this: EOS alone ends the turn
+        return Stops()
+    at = text.rfind(_PROBE)
+    marker = text[at + len(_PROBE) :].strip() if at >= 0 else ""
+    if not marker:
+        return Stops()
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return Stops(ids=frozenset(ids)) if len(ids) == 1 else Stops(strings=(marker,))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The model's end-of-sequence ids (its generation config may list several) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

@@ -1,7 +1,8 @@
 """What a fine-tuning job may ask for, and the resolved configuration the trainer runs.
 
-The request follows OpenAI's body (`method.supervised.hyperparameters`, or the legacy
-top-level `hyperparameters`) plus afina's `lora`, `quantization` and `training` sections.
+The request follows OpenAI's body (`method.supervised.hyperparameters` or
+`method.dpo.hyperparameters`, or the legacy top-level `hyperparameters`) plus afina's `lora`,
+`quantization`, `training` and `evaluation` sections.
 Every knob has a type and a range, and an unknown key is refused by name. `resolve_config`
 turns a request into the `JobConfig` stored on the job: every "auto" and every default
 replaced by the value the run will use, so the job object shows exactly what trains.
@@ -28,6 +29,7 @@ BASE_LEARNING_RATE = 2e-4
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_SEQ_LENGTH = 2048
+DEFAULT_BETA = 0.1  # DPO's (Rafailov et al. 2023), and trl's and OpenAI's
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -66,6 +68,7 @@ def _auto_or(kind: type, json_type: str, **limits: float) -> Any:
 AutoEpochs = _auto_or(int, "integer", ge=1, le=100)
 AutoBatchSize = _auto_or(int, "integer", ge=1, le=1024)
 AutoMultiplier = _auto_or(float, "number", gt=0, le=100)
+AutoBeta = _auto_or(float, "number", gt=0, le=100)
 Steps = integer(ge=1, le=10_000_000)
 # ASCII on purpose: Python's `\w` takes any letter, JSON Schema's (ECMA's) only ASCII ones.
 MODULE_PATTERN = r"^[A-Za-z0-9_.]{1,128}$"
@@ -116,9 +119,43 @@ class Supervised(_Strict):
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: AutoBeta = Field(
+        default="auto",
+        description="How far the policy may move from the reference: lower lets it move "
+        "further. auto: 0.1.",
+    )
+
+
+class Dpo(_Strict):
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
+MethodType = Literal["supervised", "dpo"]
+
+
 class Method(_Strict):
-    type: Literal["supervised"] = "supervised"
+    """OpenAI's `method`: the section named by `type` holds the hyperparameters; the other
+    section may not be given."""
+
+    type: MethodType = "supervised"
     supervised: Supervised = Supervised()
+    dpo: Dpo = Dpo()
+
+    @model_validator(mode="after")
+    def only_the_chosen_section(self) -> "Method":
+        for section in ("supervised", "dpo"):
+            if section in self.model_fields_set and section != self.type:
+                raise field_error(
+                    (section,),
+                    f"method.{section} goes with method.type {section!r}, not {self.type!r}",
+                    getattr(self, section).model_dump(),
+                )
+        return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        return self.dpo.hyperparameters if self.type == "dpo" else self.supervised.hyperparameters
 
 
 class LoraSettings(_Strict):
@@ -185,10 +222,26 @@ class TrainingSettings(_Strict):
     max_steps: Steps | None = None
 
 
+class EvaluationSettings(_Strict):
+    """What a job with a validation file does at its end, besides its last evaluation."""
+
+    samples: integer(ge=0, le=256) = Field(
+        default=16,
+        description="Validation prompts answered by the fine-tuned and the base model, "
+        "greedily, for the generations result file; 0: none.",
+    )
+    max_new_tokens: integer(ge=1, le=4096) = Field(
+        default=256, description="The longest answer generated for each prompt."
+    )
+
+
 class ResolvedHyperparameters(_Strict):
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
+    beta: float | None = Field(
+        default=None, description="dpo only.", exclude_if=lambda beta: beta is None
+    )
 
 
 class ResolvedTraining(TrainingSettings):
@@ -201,10 +254,19 @@ class ResolvedTraining(TrainingSettings):
 class JobConfig(_Strict):
     """Everything the trainer needs besides the model and the files: stored on the job."""
 
+    method: MethodType = "supervised"
     hyperparameters: ResolvedHyperparameters
     lora: LoraSettings
     quantization: QuantizationSettings
     training: ResolvedTraining
+    evaluation: EvaluationSettings = EvaluationSettings()
+
+
+DPO_REFUSED = {
+    "packing": "trains on pairs of answers to one prompt, which packing would run together",
+    "padding_free": "runs padded batches (trl's DPOTrainer has no padding-free path)",
+    "liger_kernels": "runs without Liger's kernels (afina uses them for SFT only)",
+}
 
 
 def _given(*path: str, json_type: str = "object") -> dict[str, Any]:
@@ -237,12 +299,15 @@ _CONFLICTS = {
                     _given("training", "learning_rate", json_type="number"),
                     {
                         "anyOf": [
-                            _given(
-                                "method",
-                                "supervised",
-                                "hyperparameters",
-                                _MULTIPLIER,
-                                json_type="number",
+                            *(
+                                _given(
+                                    "method",
+                                    section,
+                                    "hyperparameters",
+                                    _MULTIPLIER,
+                                    json_type="number",
+                                )
+                                for section in ("supervised", "dpo")
                             ),
                             _given("hyperparameters", _MULTIPLIER, json_type="number"),
                         ]
@@ -266,14 +331,16 @@ class ConfigRequest(_Strict):
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationSettings = QuantizationSettings()
     training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def one_place_for_hyperparameters(self) -> "ConfigRequest":
         if self.method is not None and self.hyperparameters is not None:
             raise field_error(
                 ("hyperparameters",),
-                "give hyperparameters in method.supervised.hyperparameters or in the legacy "
-                "top-level hyperparameters, not both",
+                "give hyperparameters in method (method.supervised.hyperparameters or "
+                "method.dpo.hyperparameters) or in the legacy top-level hyperparameters, not "
+                "both",
                 self.hyperparameters.model_dump(),
             )
         given = self.chosen_hyperparameters()
@@ -284,11 +351,24 @@ class ConfigRequest(_Strict):
                 "give training.learning_rate or learning_rate_multiplier, not both",
                 learning_rate,
             )
+        if self.method_type == "dpo":
+            self._check_dpo_training()
         return self
+
+    def _check_dpo_training(self) -> None:
+        """What trl's DPOTrainer does not do, refused by name when asked for."""
+        asked = self.training.model_fields_set
+        for name, why in DPO_REFUSED.items():
+            if name in asked and getattr(self.training, name) is True:
+                raise field_error(("training", name), f"method 'dpo' {why}: leave it off", True)
+
+    @property
+    def method_type(self) -> MethodType:
+        return "supervised" if self.method is None else self.method.type
 
     def chosen_hyperparameters(self) -> Hyperparameters:
         if self.method is not None:
-            return self.method.supervised.hyperparameters
+            return self.method.hyperparameters
         return self.hyperparameters or Hyperparameters()
 
 
@@ -312,19 +392,30 @@ def resolve_config(
             else chosen.batch_size
         ),
         learning_rate_multiplier=multiplier,
+        beta=_beta(chosen) if request.method_type == "dpo" else None,
     )
     training = ResolvedTraining(
         **request.training.model_dump(exclude={"learning_rate", "max_seq_length"}),
         learning_rate=learning_rate,
         max_seq_length=request.training.max_seq_length,
     )
+    if request.method_type == "dpo":
+        training = training.model_copy(update=dict.fromkeys(DPO_REFUSED, False))
     config = JobConfig(
+        method=request.method_type,
         hyperparameters=hyperparameters,
         lora=request.lora,
         quantization=request.quantization,
         training=training,
+        evaluation=request.evaluation,
     )
     return fit_to_model(config, model_max_length) if model_max_length else config
+
+
+def _beta(chosen: Hyperparameters) -> float:
+    if isinstance(chosen, DpoHyperparameters) and chosen.beta != "auto":
+        return chosen.beta
+    return DEFAULT_BETA
 
 
 def fit_to_model(config: JobConfig, model_max_length: int) -> JobConfig:

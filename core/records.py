@@ -10,6 +10,11 @@ Each example is rendered to one text, with the character spans that carry loss:
 With `loss_on="all"` every token carries loss. The text is tokenized once, as a whole, and the
 spans are mapped to tokens through the offset mapping, so the ids are exactly those the model
 sees at inference; labels are -100 where no loss applies.
+
+A preference example (for DPO) becomes the prompt's ids and the ids of each answer after it,
+`prompt_ids`, `chosen_ids` and `rejected_ids`, as trl's DPOTrainer takes them: each answer is
+rendered as the conversation's next assistant turn, the way a chat example is, and the answers'
+ids (the loss of DPO) are the tokens that turn's loss span covers.
 """
 
 from collections.abc import Iterable, Iterator
@@ -19,8 +24,10 @@ from typing import Any, Literal
 from afina.core.chat_format import bos_prefix, prompt_text
 from afina.core.datasets import (
     ChatExample,
+    ChatMessage,
     Example,
     InstructionExample,
+    PreferenceExample,
     PromptCompletionExample,
     TextExample,
 )
@@ -135,6 +142,87 @@ def to_record(example: Example, tokenizer: Any, *, loss_on: LossOn) -> Record:
     return Record(input_ids=input_ids, labels=labels)
 
 
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def _answer_record(
+    conversation: list[ChatMessage], answer: list[ChatMessage], tokenizer: Any
+) -> tuple[list[int], int]:
+    """The ids of the conversation followed by `answer`, and where the answer's loss starts.
+    Earlier assistant turns of the conversation are context, not loss."""
+    context = [
+        message.model_copy(update={"weight": 0}) if message.role == "assistant" else message
+        for message in conversation
+    ]
+    record = to_record(ChatExample(messages=[*context, *answer]), tokenizer, loss_on="completion")
+    start = next(i for i, label in enumerate(record.labels) if label != IGNORE_INDEX)
+    return record.input_ids, start
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def to_preference_record(example: PreferenceExample, tokenizer: Any) -> PreferenceRecord:
+    """The prompt's ids, shared by both answers, and each answer's ids after it."""
+    messages = example.input.messages
+    chosen, chosen_start = _answer_record(messages, example.preferred_output, tokenizer)
+    rejected, rejected_start = _answer_record(messages, example.non_preferred_output, tokenizer)
+    # Where BPE merged the prompt's end into an answer, the prompt ends before the merge.
+    prompt_length = min(chosen_start, rejected_start, _common_prefix(chosen, rejected))
+    return PreferenceRecord(
+        prompt_ids=chosen[:prompt_length],
+        chosen_ids=chosen[prompt_length:],
+        rejected_ids=rejected[prompt_length:],
+    )
+
+
+def sequence_tokens(record: dict[str, list[int]]) -> int:
+    """The tokens the trainer runs for a record: a preference record's two answers are two
+    rows after the same prompt, each padded to the longer one."""
+    if "prompt_ids" in record:
+        answer = max(len(record["chosen_ids"]), len(record["rejected_ids"]))
+        return 2 * (len(record["prompt_ids"]) + answer)
+    return len(record["input_ids"])
+
+
+def prompt_and_reference(example: Example, tokenizer: Any) -> tuple[str, str] | None:
+    """The prompt text a model answers, as training rendered it, and the answer the dataset
+    gives for it: the last assistant turn of a chat, a completion, an output, the preferred
+    answer. None for plain text, which has no prompt."""
+    if isinstance(example, ChatExample | PreferenceExample):
+        if isinstance(example, ChatExample):
+            last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
+            context, answer = example.messages[:last], [example.messages[last]]
+        else:
+            context, answer = example.input.messages, example.preferred_output
+        if not context:
+            return None
+        messages = [{"role": m.role, "content": m.content} for m in context]
+        try:
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as error:
+            raise RecordError(f"the chat template failed: {error}") from error
+        return prompt, "".join(message.content for message in answer)
+    if isinstance(example, PromptCompletionExample):
+        return prompt_text(tokenizer, example.prompt), example.completion
+    if isinstance(example, InstructionExample):
+        prompt = instruction_prompt(example.instruction, example.input)
+        return prompt_text(tokenizer, prompt), example.output
+    return None
+
+
 @dataclass
 class RecordStats:
     examples: int = 0
@@ -152,7 +240,8 @@ def to_records(
     stats: RecordStats,
 ) -> Iterator[dict[str, list[int]]]:
     """Records cut to `max_length` tokens; an example left with no token carrying loss is
-    dropped. `stats` counts what happened, for the job's events."""
+    dropped (a preference example whose prompt alone fills `max_length`: its answers are
+    cut to what is left of it). `stats` counts what happened, for the job's events."""
     if not getattr(tokenizer, "is_fast", False):
         raise RecordError(
             f"the tokenizer {type(tokenizer).__name__} is not a fast tokenizer: afina needs "
@@ -160,6 +249,12 @@ def to_records(
         )
     for example in examples:
         stats.examples += 1
+        if isinstance(example, PreferenceExample):
+            pair = _cut_pair(to_preference_record(example, tokenizer), max_length, stats)
+            if pair is not None:
+                stats.tokens += sequence_tokens(pair)
+                yield pair
+            continue
         record = to_record(example, tokenizer, loss_on=loss_on)
         input_ids, labels = record.input_ids, record.labels
         if len(input_ids) > max_length:
@@ -170,3 +265,19 @@ def to_records(
             continue
         stats.tokens += len(input_ids)
         yield {"input_ids": input_ids, "labels": labels}
+
+
+def _cut_pair(
+    record: PreferenceRecord, max_length: int, stats: RecordStats
+) -> dict[str, list[int]] | None:
+    room = max_length - len(record.prompt_ids)
+    if room <= 0:
+        stats.dropped += 1
+        return None
+    if max(len(record.chosen_ids), len(record.rejected_ids)) > room:
+        stats.truncated += 1
+    return {
+        "prompt_ids": record.prompt_ids,
+        "chosen_ids": record.chosen_ids[:room],
+        "rejected_ids": record.rejected_ids[:room],
+    }

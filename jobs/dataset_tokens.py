@@ -1,16 +1,16 @@
 """A training file's examples as token counts, counted as the run will count them: the
 model's tokenizer over each example after its format's template (`core.records`), cut to
 `max_seq_length`, examples left with no token to learn from dropped (`RecordError` for one
-the template cannot render). The tokenizer is read from local files only (a local model, or
-a hub model this machine has downloaded); without one the counts are estimated from the
-file's characters."""
+the template cannot render); a preference pair counts both its rows, padded to the longer.
+The tokenizer is read from local files only (a local model, or a hub model this machine has
+downloaded); without one the counts are estimated from the file's characters."""
 
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from afina.core.datasets import read_examples
 from afina.core.job_config import JobConfig
-from afina.core.records import RecordStats, to_records
+from afina.core.records import RecordStats, sequence_tokens, to_records
 from afina.jobs.planning import Dataset
 from afina.models import File
 
@@ -68,6 +68,6 @@ def dataset_tokens(
             max_length=max_seq_length,
             stats=RecordStats(),
         )
-        lengths = tuple(len(record["input_ids"]) for record in records)
+        lengths = tuple(sequence_tokens(record) for record in records)
     _remember(key, lengths)
     return Dataset(lengths, counted=True)

@@ -169,12 +169,14 @@ def succeed(
     fine_tuned_model: str,
     trained_tokens: int,
     config: dict[str, Any],
+    result_files: list[str],
 ) -> bool:
     values = {
         "status": JobStatus.SUCCEEDED,
         "fine_tuned_model": fine_tuned_model,
         "trained_tokens": trained_tokens,
         "config": config,
+        "result_files": result_files,
         "finished_at": utcnow(),
         "estimated_finish": None,
     }

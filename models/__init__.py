@@ -2,7 +2,7 @@
 
 from afina.models.api_keys import ApiKey
 from afina.models.base import Base
-from afina.models.files import File
+from afina.models.files import DATASET_PURPOSE, RESULTS_PURPOSE, File
 from afina.models.jobs import (
     UNFINISHED,
     Job,
@@ -15,6 +15,8 @@ from afina.models.jobs import (
 from afina.models.workers import Worker
 
 __all__ = [
+    "DATASET_PURPOSE",
+    "RESULTS_PURPOSE",
     "UNFINISHED",
     "ApiKey",
     "Base",

@@ -67,12 +67,18 @@ class Job(CreatedAt, Base):
     training_file_id: Mapped[str] = mapped_column(String(64), index=True)
     validation_file_id: Mapped[str | None] = mapped_column(String(64), index=True)
     suffix: Mapped[str | None] = mapped_column(String(64))
+    # The caller's fine-tuned model this job trains further (`model` is then its base), as
+    # the request named it, and the job that made it.
+    parent_model: Mapped[str | None] = mapped_column(String(512))
+    parent_job_id: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int]
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), unique=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # The ids of the files (purpose `fine-tune-results`) the job's success wrote.
+    result_files: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     steps_done: Mapped[int] = mapped_column(default=0)
     total_steps: Mapped[int | None]
     epoch: Mapped[float | None]
@@ -123,6 +129,15 @@ class JobMetric(Base):
     learning_rate: Mapped[float | None]
     grad_norm: Mapped[float | None]
     tokens_per_second: Mapped[float | None]
+    mean_token_accuracy: Mapped[float | None]
+    eval_mean_token_accuracy: Mapped[float | None]
+    # DPO's: the implicit rewards (beta x the log-ratio to the reference) of the preferred and
+    # the other answers, the share of pairs ranked right, and the mean margin.
+    rewards_chosen: Mapped[float | None]
+    rewards_rejected: Mapped[float | None]
+    rewards_accuracies: Mapped[float | None]
+    rewards_margins: Mapped[float | None]
+    eval_rewards_accuracies: Mapped[float | None]
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -20,9 +20,9 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from afina.core.base_models import max_length
+from afina.core.chat_format import Stops, end_of_turn, eos_ids
 from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
 from afina.core.storage import ArtifactStorage
-from afina.serving.prompts import Stops, end_of_turn, eos_ids
 from afina.serving.protocol import AdapterSpec, BaseModelSpec, InferenceError
 
 logger = logging.getLogger(__name__)

@@ -1,21 +1,9 @@
-"""A request's prompt -> token ids, rendered as training rendered its examples, and what
-ends a turn in a tokenizer's chat template."""
+"""A request's prompt -> token ids, rendered as training rendered its examples."""
 
-from dataclasses import dataclass
 from typing import Any
 
 from afina.core.chat_format import prompt_text
 from afina.serving.protocol import InferenceError, Prompt
-
-_PROBE = "afina-end-of-turn-probe"
-
-
-@dataclass(frozen=True)
-class Stops:
-    """Where generation ends: token ids, and strings for markers that are not one token."""
-
-    ids: frozenset[int] = frozenset()
-    strings: tuple[str, ...] = ()
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -40,32 +28,3 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     if not ids:
         raise InferenceError(400, "the prompt is empty", param=prompt.param, code="empty_prompt")
     return list(ids)
-
-
-def end_of_turn(tokenizer: Any) -> Stops:
-    """What the chat template writes after an assistant's message (`<|im_end|>`,
-    `<|eot_id|>`, `</s>` ...), found by rendering one."""
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # a template that cannot render this: EOS alone ends the turn
-        return Stops()
-    at = text.rfind(_PROBE)
-    marker = text[at + len(_PROBE) :].strip() if at >= 0 else ""
-    if not marker:
-        return Stops()
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    return Stops(ids=frozenset(ids)) if len(ids) == 1 else Stops(strings=(marker,))
-
-
-def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """The model's end-of-sequence ids (its generation config may list several) and the
-    tokenizer's."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)

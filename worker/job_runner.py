@@ -39,15 +39,15 @@ from afina.core.storage import (
     staged_adapter_key,
     tokenized_key,
 )
-from afina.jobs import lifecycle, workers
+from afina.jobs import lifecycle, result_files, workers
 from afina.jobs.retry import retried
 from afina.jobs.run import Run
-from afina.models import Job
+from afina.models import File, Job
 from afina.worker.heartbeat import Heartbeat
 from afina.worker.process import shutdown_requested, this_worker
 from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.sft import TrainingOutcome, TrainingRun, train
+from afina.worker.training.run import TrainingOutcome, TrainingRun, train
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,20 @@ def _tokenized(context: WorkerContext, run: Run) -> Path | None:
     return context.storage.local_directory(tokenized_key(run.job_id), cache)
 
 
+def _parent_adapter(context: WorkerContext, job: Job, run: Run) -> Path | None:
+    """The adapter of the fine-tuned model the job trains further, as a local directory."""
+    if job.parent_job_id is None:
+        return None
+    key = adapter_key(job.parent_job_id)
+    if not context.storage.names(key):
+        raise TrainingFailure(
+            "model_not_found",
+            f"the fine-tuned model {job.parent_model!r} was deleted before training",
+            "model",
+        )
+    return context.storage.local_directory(key, workdir(context, run) / "parent")
+
+
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
     validation = job.validation_file_id
     run = TrainingRun(
@@ -141,6 +155,7 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         trust_remote_code=context.settings.trust_remote_code,
         resume_from=_resume_point(context, job, recorder),
         tokenized_from=_tokenized(context, recorder.run),
+        adapter_from=_parent_adapter(context, job, recorder.run),
     )
     return train(run, recorder)
 
@@ -193,33 +208,43 @@ def finish(
 def _succeed(
     context: WorkerContext, job: Job, run: Run, outcome: TrainingOutcome, staged: str
 ) -> None:
-    """Move the staged adapter into place and mark the job succeeded, in one transaction
-    that holds the job (its row, or SQLite's write lock) from the check to the commit: no
-    other run can take the job meanwhile. A run that lost its job (while uploading) moves
-    nothing: the job's adapter stays the one of the run that finished it, if any."""
+    """Move the staged adapter into place, write the result files and mark the job
+    succeeded, in one transaction that holds the job (its row, or SQLite's write lock) from
+    the check to the commit: no other run can take the job meanwhile. A run that lost its job
+    (while uploading) moves nothing: the job's adapter stays the one of the run that finished
+    it, if any."""
     name = job.fine_tuned_model_name()
-    with context.session_factory.begin() as session:
-        if not lifecycle.heartbeat(session, run):
-            return
-        # Replaces only what a run whose success never committed left there.
-        context.storage.move(staged, adapter_key(run.job_id))
-        lifecycle.succeed(
-            session,
-            run,
-            f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
-            f"the adapter is served as {name}",
-            fine_tuned_model=name,
-            trained_tokens=outcome.trained_tokens,
-            config=outcome.config.model_dump(mode="json"),
-        )
-        if outcome.parameters and outcome.tokens_per_second:  # for the estimates to come
-            workers.record_throughput(
-                session,
-                this_worker(),
-                outcome.parameters,
-                outcome.config.quantization.bits,
-                outcome.tokens_per_second,
+    stored: list[File] = []
+    try:
+        with context.session_factory.begin() as session:
+            if not lifecycle.heartbeat(session, run):
+                return
+            stored = result_files.store(
+                context.storage, session, job, outcome.config.method, outcome.generations
             )
+            # Replaces only what a run whose success never committed left there.
+            context.storage.move(staged, adapter_key(run.job_id))
+            lifecycle.succeed(
+                session,
+                run,
+                f"Job succeeded: {outcome.steps} steps, {outcome.trained_tokens} tokens; "
+                f"the adapter is served as {name}",
+                fine_tuned_model=name,
+                trained_tokens=outcome.trained_tokens,
+                config=outcome.config.model_dump(mode="json"),
+                result_files=[row.id for row in stored],
+            )
+            if outcome.parameters and outcome.tokens_per_second:  # for the estimates to come
+                workers.record_throughput(
+                    session,
+                    this_worker(),
+                    outcome.parameters,
+                    outcome.config.quantization.bits,
+                    outcome.tokens_per_second,
+                )
+    except BaseException:
+        result_files.discard(context.storage, stored)
+        raise
 
 
 def _out_of_space(context: WorkerContext, error: BaseException) -> bool:

@@ -28,13 +28,12 @@ from afina.core.disk import freeing_space
 from afina.core.fields import shown
 from afina.core.ids import new_id
 from afina.core.storage import file_key
-from afina.models import UNFINISHED, File, Job
+from afina.models import DATASET_PURPOSE, UNFINISHED, File, Job
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*KEYED))
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-PURPOSE = "fine-tune"
 NEVER_VALID: dict[str, Any] = {
     "not": {},
     "description": "Not supported: afina keeps a file until it is deleted.",
@@ -52,7 +51,7 @@ def _display_name(name: str | None) -> str:
 def create_file(
     file: UploadFile,
     # Checked below, so that a wrong purpose gets its own code.
-    purpose: Annotated[str, Form(json_schema_extra={"enum": [PURPOSE]})],
+    purpose: Annotated[str, Form(json_schema_extra={"enum": [DATASET_PURPOSE]})],
     project: ProjectDep,
     db: DbDep,
     storage: StorageDep,
@@ -69,11 +68,11 @@ def create_file(
             param="expires_after",
             code="unsupported_parameter",
         )
-    if purpose != PURPOSE:
+    if purpose != DATASET_PURPOSE:
         raise APIError(
             400,
             f"Unsupported purpose {shown(purpose)}: afina stores fine-tuning datasets, "
-            f"purpose must be {PURPOSE!r}",
+            f"purpose must be {DATASET_PURPOSE!r}",
             param="purpose",
             code="invalid_purpose",
         )
@@ -174,8 +173,11 @@ async def retrieve_file(request: Request, project: ProjectDep, file_id: str) -> 
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "The dataset as it was uploaded",
-            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+            "description": "The dataset as it was uploaded, or a job's result file",
+            "content": {
+                "application/jsonl": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
         },
         **error_responses(404),
     },
@@ -200,7 +202,7 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
 
     return StreamingResponse(
         chunks(),
-        media_type="application/jsonl",
+        media_type="text/csv" if row.format == "csv" else "application/jsonl",
         headers={
             "Content-Length": str(row.bytes),
             "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",

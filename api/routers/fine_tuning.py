@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy import Connection, bindparam
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from afina.api.deps import (
@@ -44,8 +44,9 @@ from afina.core import base_models
 from afina.core.datasets import DatasetFormat
 from afina.core.disk import freeing_space, is_disk_full
 from afina.core.estimate import ModelShape, size
+from afina.core.fields import shown
 from afina.core.ids import new_id
-from afina.core.job_config import JobConfig, resolve_config
+from afina.core.job_config import JobConfig, MethodType, resolve_config
 from afina.core.records import RecordError
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, file_key
@@ -53,6 +54,7 @@ from afina.jobs import lifecycle, planning, workers
 from afina.jobs.dataset_tokens import dataset_tokens
 from afina.jobs.queue import enqueue
 from afina.models import (
+    DATASET_PURPOSE,
     File,
     Job,
     JobCheckpoint,
@@ -95,22 +97,68 @@ def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
         raise APIError(400, str(refused), param="model", code="model_not_available") from None
 
 
-def _dataset(db: DbDep, project: str, file_id: str, param: str) -> File:
+def _dataset(db: Session, project: str, file_id: str, param: str, method: MethodType) -> File:
+    """The caller's dataset for `param`, in a format `method` trains on."""
     row = owned_row(db, File, file_id, "file", project)
     if row is None:
         raise APIError(
             400, f"No file with id {shown_id(file_id)}", param=param, code="file_not_found"
         )
-    if row.format == DatasetFormat.PREFERENCE:
+    if row.purpose != DATASET_PURPOSE:
         raise APIError(
             400,
-            f"File {row.id} holds preference data (chosen and rejected answers): it trains "
-            "with method 'dpo', which this afina does not run yet; supervised fine-tuning "
-            "takes a chat, prompt-completion, instruction or text file",
+            f"File {row.id} is a job's result file: a job trains on a file uploaded with "
+            f"purpose {DATASET_PURPOSE!r}",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    preference = row.format == DatasetFormat.PREFERENCE
+    if method == "dpo" and not preference:
+        raise APIError(
+            400,
+            f"File {row.id} holds {row.format} examples: method 'dpo' trains on preference "
+            "data (input, preferred_output, non_preferred_output); give it a preference "
+            "file, or train this one with method 'supervised'",
+            param=param,
+            code="invalid_file_format",
+        )
+    if method == "supervised" and preference:
+        raise APIError(
+            400,
+            f"File {row.id} holds preference data (preferred and non-preferred answers): it "
+            'trains with method \'dpo\' ({"method": {"type": "dpo"}}); supervised '
+            "fine-tuning takes a chat, prompt-completion, instruction or text file",
             param=param,
             code="invalid_file_format",
         )
     return row
+
+
+def _parent(db: Session, project: str, body: JobCreate) -> Job | None:
+    """The caller's job whose fine-tuned model `body.model` names, if it names one: the new
+    job trains that adapter further, on its base and with its LoRA settings."""
+    if not body.model.startswith("ft:"):
+        return None
+    parent = db.scalars(
+        select(Job).where(Job.fine_tuned_model == body.model, Job.project == project)
+    ).first()
+    if parent is None:
+        raise APIError(
+            404,
+            f"No fine-tuned model {shown(body.model)} in this project",
+            param="model",
+            code="model_not_found",
+        )
+    lora = JobConfig.model_validate(parent.config).lora
+    if "lora" in body.model_fields_set and body.lora != lora:
+        raise APIError(
+            400,
+            f"The LoRA settings of {parent.fine_tuned_model} are {lora.model_dump_json()}: a "
+            "job that trains it further keeps them; leave lora out or give those",
+            param="lora",
+            code="lora_mismatch",
+        )
+    return parent
 
 
 @dataclass(frozen=True)
@@ -121,9 +169,14 @@ class _Checked:
     training: File
     config: JobConfig
     model_config: dict[str, object] | None  # None: not readable here (a hub model not cached)
+    parent: Job | None  # the job whose fine-tuned model this one trains further
 
 
 def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> _Checked:
+    parent = _parent(db, project, body)
+    if parent is not None:
+        lora = JobConfig.model_validate(parent.config).lora
+        body = body.model_copy(update={"model": parent.model, "lora": lora})
     model, model_limit = _model_limit(body.model, settings.allowed_models)
     model_config = (
         base_models.read_local_config(model, shown=body.model)
@@ -132,9 +185,10 @@ def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> 
     )
     if model_limit is None and model_config is not None:
         model_limit = base_models.max_length(model_config)
-    training = _dataset(db, project, body.training_file, "training_file")
+    method = body.method_type
+    training = _dataset(db, project, body.training_file, "training_file", method)
     if body.validation_file is not None:
-        _dataset(db, project, body.validation_file, "validation_file")
+        _dataset(db, project, body.validation_file, "validation_file", method)
     try:
         config = resolve_config(
             body, num_examples=training.num_examples, model_max_length=model_limit
@@ -143,7 +197,7 @@ def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> 
         raise APIError(
             400, str(error), param="training.max_seq_length", code="invalid_max_seq_length"
         ) from None
-    return _Checked(model, training, config, model_config)
+    return _Checked(model, training, config, model_config, parent)
 
 
 def _plan(
@@ -228,6 +282,8 @@ def create_job(
         training_file_id=training.id,
         validation_file_id=body.validation_file,
         suffix=body.suffix,
+        parent_model=body.model if checked.parent else None,
+        parent_job_id=checked.parent.id if checked.parent else None,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         user_metadata=body.metadata,
         config=config.model_dump(mode="json"),

@@ -4,7 +4,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from afina.core.datasets import DatasetFormat
-from afina.models import File
+from afina.models import DATASET_PURPOSE, File
 
 
 def unix_seconds(moment: datetime) -> int:
@@ -29,7 +29,9 @@ class FileObject(BaseModel):
     status: Literal["processed"] = "processed"
     status_details: None = None
     expires_at: None = None
-    validation: FileValidation
+    validation: FileValidation | None = Field(
+        description="null for a job's result file (purpose fine-tune-results)."
+    )
 
     @classmethod
     def of(cls, row: File) -> "FileObject":
@@ -39,10 +41,14 @@ class FileObject(BaseModel):
             created_at=unix_seconds(row.created_at),
             filename=row.filename,
             purpose=row.purpose,
-            validation=FileValidation(
-                format=DatasetFormat(row.format),
-                num_examples=row.num_examples,
-                estimated_tokens=row.estimated_tokens,
+            validation=(
+                FileValidation(
+                    format=DatasetFormat(row.format),
+                    num_examples=row.num_examples,
+                    estimated_tokens=row.estimated_tokens,
+                )
+                if row.purpose == DATASET_PURPOSE
+                else None
             ),
         )
 

@@ -10,6 +10,7 @@ from afina.core.job_config import (
     SUFFIX_PATTERN,
     ConfigRequest,
     JobConfig,
+    MethodType,
     ResolvedHyperparameters,
     field_error,
     integer,
@@ -81,13 +82,21 @@ class Progress(BaseModel):
     estimated_finish: int | None
 
 
-class SupervisedMethod(BaseModel):
+class MethodHyperparameters(BaseModel):
     hyperparameters: ResolvedHyperparameters
 
 
 class MethodObject(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethod
+    """OpenAI's `method`: the section its type names holds the hyperparameters."""
+
+    type: MethodType
+    supervised: MethodHyperparameters | None = None
+    dpo: MethodHyperparameters | None = None
+
+    @classmethod
+    def of(cls, config: JobConfig) -> "MethodObject":
+        section = MethodHyperparameters(hyperparameters=config.hyperparameters)
+        return cls.model_validate({"type": config.method, config.method: section})
 
 
 def _seconds(moment: datetime | None) -> int | None:
@@ -103,8 +112,11 @@ class JobObject(BaseModel):
     status: JobStatus = Field(
         description="Never `validating_files` (OpenAI's): afina checks files at upload."
     )
-    model: str
+    model: str = Field(description="The base model (of the fine-tuned model it continues).")
     fine_tuned_model: str | None
+    continued_from: str | None = Field(
+        description="The fine-tuned model this job trains further, as the request named it."
+    )
     organization_id: str = Field(description="The project that owns the job.")
     training_file: str
     validation_file: str | None
@@ -116,7 +128,10 @@ class JobObject(BaseModel):
     metadata: dict[str, str] | None
     trained_tokens: int | None
     error: JobError | None
-    result_files: list[str] = []
+    result_files: list[str] = Field(
+        description="Files (purpose fine-tune-results) written when the job succeeded: the "
+        "step metrics as CSV and, after an evaluation, the generations as JSON lines."
+    )
     integrations: list[Any] | None = None
     progress: Progress
     config: JobConfig
@@ -132,18 +147,18 @@ class JobObject(BaseModel):
             status=row.status,
             model=row.model,
             fine_tuned_model=row.fine_tuned_model,
+            continued_from=row.parent_model,
             organization_id=row.project,
             training_file=row.training_file_id,
             validation_file=row.validation_file_id,
             hyperparameters=config.hyperparameters,
-            method=MethodObject(
-                supervised=SupervisedMethod(hyperparameters=config.hyperparameters)
-            ),
+            method=MethodObject.of(config),
             seed=row.seed,
             suffix=row.suffix,
             user_provided_suffix=row.suffix,
             metadata=row.user_metadata,
             trained_tokens=row.trained_tokens,
+            result_files=row.result_files or [],
             error=JobError.model_validate(row.error) if row.error else None,
             progress=Progress(
                 steps_done=row.steps_done,
@@ -198,6 +213,9 @@ class CheckpointObject(BaseModel):
 
 
 class MetricPoint(BaseModel):
+    """One logging step. A point written by an evaluation has the `eval_` values; DPO's
+    `rewards_*` are trl's `rewards/*` (chosen, rejected, accuracies, margins)."""
+
     step: int
     epoch: float | None
     loss: float | None
@@ -205,20 +223,26 @@ class MetricPoint(BaseModel):
     learning_rate: float | None
     grad_norm: float | None
     tokens_per_second: float | None
+    mean_token_accuracy: float | None = Field(
+        description="The share of the answer tokens the model predicted right."
+    )
+    eval_mean_token_accuracy: float | None
+    rewards_chosen: float | None = Field(
+        description="dpo: the mean implicit reward (beta x log-ratio to the reference) of the "
+        "preferred answers."
+    )
+    rewards_rejected: float | None = Field(description="dpo: the same for the other answers.")
+    rewards_accuracies: float | None = Field(
+        description="dpo: the share of pairs whose preferred answer has the higher reward."
+    )
+    rewards_margins: float | None = Field(description="dpo: the mean reward margin.")
+    eval_rewards_accuracies: float | None
     at: float = Field(description="Unix time in seconds, with fractions.")
 
     @classmethod
     def of(cls, row: JobMetric) -> "MetricPoint":
-        return cls(
-            step=row.step,
-            epoch=row.epoch,
-            loss=row.loss,
-            eval_loss=row.eval_loss,
-            learning_rate=row.learning_rate,
-            grad_norm=row.grad_norm,
-            tokens_per_second=row.tokens_per_second,
-            at=row.at.timestamp(),
-        )
+        values = {name: getattr(row, name) for name in cls.model_fields if name != "at"}
+        return cls(**values, at=row.at.timestamp())
 
 
 class MetricSeries(BaseModel):

@@ -37,7 +37,7 @@ from afina.worker import broker, job_runner
 from afina.worker.celery_app import create_celery
 from afina.worker.job_runner import WorkerContext, run_job
 from afina.worker.run_recorder import JobRecorder
-from afina.worker.training.sft import TrainingOutcome
+from afina.worker.training.run import TrainingOutcome
 from tests.support import (
     JOB_CONFIG,
     LOCAL,

@@ -514,6 +514,10 @@ JOB_FIELDS = {
     "method.supervised": "object",
     "method.supervised.hyperparameters": "object",
     **{f"method.supervised.hyperparameters.{k}": kind for k, kind in HYPERPARAMETERS.items()},
+    "method.dpo": "object",
+    "method.dpo.hyperparameters": "object",
+    **{f"method.dpo.hyperparameters.{k}": kind for k, kind in HYPERPARAMETERS.items()},
+    "method.dpo.hyperparameters.beta": "auto-float",
     "hyperparameters": "object?",
     **{f"hyperparameters.{name}": kind for name, kind in HYPERPARAMETERS.items()},
     "lora": "object",
@@ -543,6 +547,9 @@ JOB_FIELDS = {
     "training.save_steps": "int?",
     "training.loss_on": "enum",
     "training.max_steps": "int?",
+    "evaluation": "object",
+    "evaluation.samples": "int",
+    "evaluation.max_new_tokens": "int",
 }
 PLACEHOLDER = "__WRONG_VALUE__"
 

@@ -10,9 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
+from afina.core.job_config import ConfigRequest, resolve_config
 from afina.jobs import lifecycle
 from afina.models import Job, JobEvent, JobStatus
-from tests.support import LOCAL, assert_error, jsonl, rows, upload
+from afina.models.session import make_engine, make_session_factory
+from tests.support import LOCAL, assert_error, job_row, jsonl, rows, upload
 
 CHAT = jsonl(
     *(
@@ -123,7 +125,7 @@ def test_legacy_hyperparameters_and_a_random_seed(client, body):
         ({"suffix": "x" * 65}, "suffix"),
         ({"seed": -1}, "seed"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "ppo"}}, "method.type"),
         (
             {"method": {"supervised": {"hyperparameters": {"n_epochs": 0}}}},
             "method.supervised.hyperparameters.n_epochs",
@@ -474,3 +476,137 @@ def test_preference_data_uploads_but_does_not_train_a_supervised_job(client, set
     )
     assert "preference data" in error["message"]
     assert rows(settings, Job) == []
+
+
+PAIRS = jsonl(
+    *(
+        {
+            "input": {"messages": [{"role": "user", "content": f"{n}+{n}?"}]},
+            "preferred_output": [{"role": "assistant", "content": str(2 * n)}],
+            "non_preferred_output": [{"role": "assistant", "content": "no idea"}],
+        }
+        for n in range(6)
+    )
+)
+
+
+def dpo_method(**hyperparameters) -> dict:
+    return {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}
+
+
+@pytest.mark.both_backends
+def test_a_dpo_job_on_preference_data_is_queued_with_its_method_and_beta(client, settings, body):
+    pairs = upload(client, PAIRS).json()["id"]
+    job = create(
+        client, {**body, "training_file": pairs, "method": dpo_method(beta=0.25, n_epochs=2)}
+    ).json()
+    assert job["status"] == "queued"
+    assert job["method"] == {
+        "type": "dpo",
+        "supervised": None,
+        "dpo": {"hyperparameters": job["hyperparameters"]},
+    }
+    assert job["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": 4,
+        "learning_rate_multiplier": 1.0,
+        "beta": 0.25,
+    }
+    assert job["config"]["method"] == "dpo"
+    assert job["config"]["training"]["padding_free"] is False
+    assert job["config"]["evaluation"] == {"samples": 16, "max_new_tokens": 256}
+    assert job["result_files"] == []
+    assert job["continued_from"] is None
+    default = create(client, {**body, "training_file": pairs, "method": {"type": "dpo"}}).json()
+    assert default["hyperparameters"]["beta"] == 0.1
+    supervised = create(client, body).json()
+    assert supervised["method"]["type"] == "supervised"
+    assert "beta" not in supervised["hyperparameters"]
+
+
+@pytest.mark.parametrize("param", ["training_file", "validation_file"])
+def test_a_dpo_job_refuses_a_supervised_dataset_naming_the_field(client, settings, body, param):
+    pairs = upload(client, PAIRS).json()["id"]
+    chat = upload(client, CHAT).json()["id"]
+    files = {"training_file": pairs, "validation_file": pairs, param: chat}
+    error = assert_error(
+        create(client, {**body, **files, "method": dpo_method()}), 400, param, "invalid_file_format"
+    )
+    assert "method 'dpo' trains on preference data" in error["message"]
+    assert rows(settings, Job) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"method": dpo_method(beta=0)}, "method.dpo.hyperparameters.beta"),
+        ({"method": dpo_method(gamma=1)}, "method.dpo.hyperparameters.gamma"),
+        ({"method": {"type": "supervised", "dpo": {}}}, "method.dpo"),
+        ({"method": dpo_method(), "training": {"packing": True}}, "training.packing"),
+        ({"evaluation": {"samples": 257}}, "evaluation.samples"),
+        ({"evaluation": {"sample": 4}}, "evaluation.sample"),
+    ],
+)
+def test_dpo_and_evaluation_fields_are_validated_by_name(client, settings, body, extra, param):
+    body["training_file"] = upload(client, PAIRS).json()["id"]
+    assert_error(create(client, {**body, **extra}), 400, param)
+    assert rows(settings, Job) == []
+
+
+def add_succeeded_job(settings, project: str, model: str, **config) -> Job:
+    resolved = resolve_config(
+        ConfigRequest.model_validate(config), num_examples=10, model_max_length=512
+    )
+    job = job_row(
+        project=project,
+        status=JobStatus.SUCCEEDED,
+        model=model,
+        config=resolved.model_dump(mode="json"),
+    )
+    job.fine_tuned_model = job.fine_tuned_model_name()
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine).begin() as session:
+        session.add(job)
+    engine.dispose()
+    return job
+
+
+def test_a_job_may_train_the_caller_s_fine_tuned_model_further(client, settings, body):
+    parent = add_succeeded_job(settings, "default", body["model"], lora={"r": 8, "alpha": 16})
+    pairs = upload(client, PAIRS).json()["id"]
+    job = create(
+        client,
+        {"model": parent.fine_tuned_model, "training_file": pairs, "method": {"type": "dpo"}},
+    ).json()
+    # The job trains the adapter further on its base, with the adapter's LoRA settings.
+    assert job["model"] == body["model"]
+    assert job["continued_from"] == parent.fine_tuned_model
+    assert (job["config"]["lora"]["r"], job["config"]["lora"]["alpha"]) == (8, 16)
+    [stored] = [row for row in rows(settings, Job) if row.id == job["id"]]
+    assert stored.parent_job_id == parent.id
+    # Asking for other LoRA settings contradicts the adapter.
+    error = assert_error(
+        create(
+            client,
+            {
+                "model": parent.fine_tuned_model,
+                "training_file": pairs,
+                "method": {"type": "dpo"},
+                "lora": {"r": 16},
+            },
+        ),
+        400,
+        "lora",
+        "lora_mismatch",
+    )
+    assert '"r":8' in error["message"]
+
+
+def test_another_project_s_or_an_unknown_fine_tuned_model_is_a_404(client, settings, body):
+    other = add_succeeded_job(settings, "other", body["model"])
+    for model in (other.fine_tuned_model, f"ft:{body['model']}:default::12345678"):
+        error = assert_error(
+            create(client, {**body, "model": model}), 404, "model", "model_not_found"
+        )
+        assert "No fine-tuned model" in error["message"]
+    assert [row.id for row in rows(settings, Job)] == [other.id]

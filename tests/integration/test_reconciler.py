@@ -46,7 +46,7 @@ from afina.worker.job_runner import WorkerContext, claim, fail, finish, run_job,
 from afina.worker.process import shutdown_requested
 from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
-from afina.worker.training.sft import TrainingOutcome
+from afina.worker.training.run import TrainingOutcome
 from tests.support import JOB_CONFIG, broker_url_for, job_row
 
 pytestmark = pytest.mark.both_backends

@@ -149,13 +149,13 @@ def test_resolved_config_survives_a_round_trip_through_json():
     [
         (
             {**supervised(n_epochs=2), "hyperparameters": {"n_epochs": 2}},
-            "give hyperparameters in method.supervised.hyperparameters or in the legacy "
-            "top-level hyperparameters, not both",
+            "give hyperparameters in method (method.supervised.hyperparameters or "
+            "method.dpo.hyperparameters) or in the legacy top-level hyperparameters, not both",
         ),
         (
             {"method": {}, "hyperparameters": {}},
-            "give hyperparameters in method.supervised.hyperparameters or in the legacy "
-            "top-level hyperparameters, not both",
+            "give hyperparameters in method (method.supervised.hyperparameters or "
+            "method.dpo.hyperparameters) or in the legacy top-level hyperparameters, not both",
         ),
         (
             {**supervised(learning_rate_multiplier=2), "training": {"learning_rate": 1e-4}},
@@ -184,6 +184,9 @@ def test_conflicting_requests_are_refused(body, message):
 HYPERPARAMETERS = ("method", "supervised", "hyperparameters")
 
 
+DPO = ("method", "dpo", "hyperparameters")
+
+
 def nested(loc: tuple[str, ...], value: object) -> dict:
     """`("lora", "r"), 0` -> `{"lora": {"r": 0}}`."""
     *outer, last = loc
@@ -209,6 +212,13 @@ OUT_OF_RANGE = [
     (("training", "lr_scheduler"), "foo", "literal_error"),
     (("quantization", "bits"), 3, "literal_error"),
     (("quantization", "quant_type"), "int4", "literal_error"),
+    ((*DPO, "beta"), 0, "greater_than"),
+    ((*DPO, "beta"), 101, "less_than_equal"),
+    ((*DPO, "n_epochs"), 0, "greater_than_equal"),
+    (("method", "type"), "ppo", "literal_error"),
+    (("evaluation", "samples"), -1, "greater_than_equal"),
+    (("evaluation", "samples"), 257, "less_than_equal"),
+    (("evaluation", "max_new_tokens"), 0, "greater_than_equal"),
 ]
 
 
@@ -230,6 +240,8 @@ def test_every_range_is_enforced_and_named(loc, value, error_type):
         ("training", "lr"),
         ("quantization", "load_in_4bit"),
         (*HYPERPARAMETERS, "epochs"),
+        (*DPO, "alpha"),
+        ("evaluation", "temperature"),
     ],
     ids=".".join,
 )
@@ -401,3 +413,60 @@ def test_read_local_config_names_the_model_as_sent(tmp_path):
 )
 def test_max_length_reads_the_declared_context_length(config, length):
     assert max_length(config) == length
+
+
+def dpo(**hyperparameters: object) -> dict:
+    return {"method": {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}}
+
+
+def test_a_dpo_request_resolves_beta_and_runs_padded_batches_without_liger():
+    config = resolve(dpo(n_epochs=2))
+    assert config.method == "dpo"
+    assert config.hyperparameters.beta == 0.1
+    assert config.hyperparameters.n_epochs == 2
+    assert (config.training.padding_free, config.training.liger_kernels) == (False, False)
+    assert resolve(dpo(beta=0.5, learning_rate_multiplier=0.5)).hyperparameters == (
+        ResolvedHyperparameters(n_epochs=3, batch_size=4, learning_rate_multiplier=0.5, beta=0.5)
+    )
+    assert resolve({"method": {"type": "dpo"}}).hyperparameters.beta == 0.1
+    # A supervised job has no beta, and a config stored before DPO existed reads as one.
+    assert resolve({}).method == "supervised"
+    assert resolve({}).hyperparameters.beta is None
+    stored = resolve({}).model_dump(mode="json")
+    assert "beta" not in stored["hyperparameters"]
+    del stored["method"], stored["evaluation"]
+    assert JobConfig.model_validate(stored) == resolve({})
+
+
+def test_evaluation_defaults_and_settings_show_in_the_resolved_config():
+    assert resolve({}).evaluation.model_dump() == {"samples": 16, "max_new_tokens": 256}
+    config = resolve({"evaluation": {"samples": 0, "max_new_tokens": 32}})
+    assert config.evaluation.model_dump() == {"samples": 0, "max_new_tokens": 32}
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"method": {"type": "supervised", "dpo": {}}}, ("method", "dpo")),
+        ({"method": {"dpo": {"hyperparameters": {"beta": 0.2}}}}, ("method", "dpo")),
+        ({"method": {"type": "dpo", "supervised": {}}}, ("method", "supervised")),
+        ({**dpo(), "training": {"packing": True}}, ("training", "packing")),
+        ({**dpo(), "training": {"padding_free": True}}, ("training", "padding_free")),
+        ({**dpo(), "training": {"liger_kernels": True}}, ("training", "liger_kernels")),
+        (
+            {**dpo(learning_rate_multiplier=2), "training": {"learning_rate": 1e-4}},
+            ("training", "learning_rate"),
+        ),
+    ],
+    ids=[
+        "dpo section, supervised",
+        "dpo section, no type",
+        "supervised section, dpo",
+        "packing",
+        "padding_free",
+        "liger",
+        "dpo learning rate and multiplier",
+    ],
+)
+def test_a_method_section_or_setting_that_does_not_go_with_the_method_is_named(body, loc):
+    assert only_error(body)["loc"] == loc

@@ -10,6 +10,7 @@ from afina.core.chat_format import CHATML_TEMPLATE, ensure_chat_template
 from afina.core.datasets import (
     ChatExample,
     InstructionExample,
+    PreferenceExample,
     PromptCompletionExample,
     TextExample,
 )
@@ -19,6 +20,9 @@ from afina.core.records import (
     RecordError,
     RecordStats,
     instruction_prompt,
+    prompt_and_reference,
+    sequence_tokens,
+    to_preference_record,
     to_record,
     to_records,
 )
@@ -294,3 +298,88 @@ def test_to_records_refuses_a_tokenizer_that_is_not_fast(not_fast):
 
     with pytest.raises(RecordError, match="SimpleNamespace is not a fast tokenizer"):
         next(records)
+
+
+def preference(*context: tuple[str, str], preferred: str, other: str) -> PreferenceExample:
+    return PreferenceExample.model_validate(
+        {
+            "input": {"messages": [{"role": r, "content": c} for r, c in context]},
+            "preferred_output": [{"role": "assistant", "content": preferred}],
+            "non_preferred_output": [{"role": "assistant", "content": other}],
+        }
+    )
+
+
+def test_a_preference_record_is_the_prompt_then_each_answer_with_its_end_of_turn(tokenizer):
+    example = preference(SYSTEM, QUESTION, preferred="Paris.", other="I think it is Lyon.")
+    pair = to_preference_record(example, tokenizer)
+    assert tokenizer.decode(pair.prompt_ids) == chatml(SYSTEM, QUESTION) + "<|im_start|>assistant\n"
+    # The answers are what DPO's loss is on: each answer's tokens, its end of turn included.
+    assert tokenizer.decode(pair.chosen_ids) == "Paris.<|im_end|>\n"
+    assert tokenizer.decode(pair.rejected_ids) == "I think it is Lyon.<|im_end|>\n"
+    # Prompt + answer are exactly the ids of the whole conversation, as training tokenizes it.
+    whole = to_record(chat(SYSTEM, QUESTION, ("assistant", "Paris.")), tokenizer, loss_on="all")
+    assert pair.prompt_ids + pair.chosen_ids == whole.input_ids
+
+
+def test_earlier_assistant_turns_of_a_preference_prompt_are_context(tokenizer):
+    example = preference(
+        QUESTION,
+        ("assistant", "Paris."),
+        ("user", "And Spain?"),
+        preferred="Madrid.",
+        other="Rome.",
+    )
+    pair = to_preference_record(example, tokenizer)
+    assert "Paris." in tokenizer.decode(pair.prompt_ids)
+    assert tokenizer.decode(pair.chosen_ids) == "Madrid.<|im_end|>\n"
+
+
+def test_preference_records_are_cut_to_the_room_the_prompt_leaves_or_dropped(tokenizer):
+    example = preference(QUESTION, preferred="Paris, the capital.", other="No idea.")
+    pair = to_preference_record(example, tokenizer)
+    prompt = len(pair.prompt_ids)
+    stats = RecordStats()
+    [cut] = to_records(
+        [example], tokenizer, loss_on="completion", max_length=prompt + 3, stats=stats
+    )
+    assert cut["prompt_ids"] == pair.prompt_ids
+    assert cut["chosen_ids"] == pair.chosen_ids[:3]
+    assert cut["rejected_ids"] == pair.rejected_ids[:3]
+    assert (stats.truncated, stats.dropped, stats.tokens) == (1, 0, 2 * (prompt + 3))
+    assert sequence_tokens(cut) == 2 * (prompt + 3)
+    dropped = RecordStats()
+    assert (
+        list(
+            to_records([example], tokenizer, loss_on="completion", max_length=prompt, stats=dropped)
+        )
+        == []
+    )
+    assert (dropped.examples, dropped.dropped) == (1, 1)
+
+
+def test_the_prompt_and_reference_of_each_format(tokenizer):
+    bos = tokenizer.bos_token or ""
+    opened = "<|im_start|>assistant\n"
+    cases = [
+        (chat(QUESTION, ANSWER), (chatml(QUESTION) + opened, "Paris.")),
+        (
+            chat(QUESTION, ANSWER, ("user", "And Spain?"), ("assistant", "Madrid.")),
+            (chatml(QUESTION, ANSWER, ("user", "And Spain?")) + opened, "Madrid."),
+        ),
+        (
+            PromptCompletionExample(prompt="2+2=", completion="4"),
+            (bos + "2+2=", "4"),
+        ),
+        (
+            InstructionExample(instruction="Add 2 and 2.", output="4"),
+            (bos + instruction_prompt("Add 2 and 2."), "4"),
+        ),
+        (
+            preference(QUESTION, preferred="Paris.", other="Lyon."),
+            (chatml(QUESTION) + opened, "Paris."),
+        ),
+        (TextExample(text="Plain text has no prompt."), None),
+    ]
+    for example, expected in cases:
+        assert prompt_and_reference(example, tokenizer) == expected, example

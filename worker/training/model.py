@@ -1,9 +1,11 @@
-"""The model to train: the quantized base, frozen, with trainable LoRA adapters on top."""
+"""The model to train: the quantized base, frozen, with trainable LoRA adapters on top: new
+ones, or those of a fine-tuned model that training continues."""
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from afina.core.job_config import LoraSettings, QuantizationSettings
 from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
@@ -25,9 +27,12 @@ def load_model(
     lora: LoraSettings,
     attention: str,
     trust_remote_code: bool,
+    adapter_from: Path | None = None,
 ) -> Any:
-    """The peft model. Gradient checkpointing is the Trainer's to switch on, from its
-    arguments: the run decides it once the model is loaded (`training.checkpointing`)."""
+    """The peft model: `lora` adds new adapters, or `adapter_from` (a saved peft adapter,
+    whose settings the job took) goes on training. Gradient checkpointing is the Trainer's to
+    switch on, from its arguments: the run decides it once the model is loaded
+    (`training.checkpointing`)."""
     try:
         base = load_base_model(
             model,
@@ -47,7 +52,10 @@ def load_model(
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(base, config)
+        if adapter_from is not None:
+            peft_model = PeftModel.from_pretrained(base, str(adapter_from), is_trainable=True)
+        else:
+            peft_model = get_peft_model(base, config)
     except ValueError as error:  # e.g. target_modules naming no layer of this model
         raise TrainingFailure(
             "invalid_lora_config", f"cannot add LoRA to {model!r}: {error}", "lora.target_modules"

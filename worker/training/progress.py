@@ -1,8 +1,12 @@
 """The trainer callback that reports a run as it goes: a metric point per logging step
-(loss, eval_loss, learning rate, grad norm, tokens/s), progress and ETA per step, events at
-milestones (the last one with the run's throughput and peak memory), each checkpoint, and a
-stop at the next step once the job is cancelled (or, with a checkpoint to resume from, once
-the worker shuts down)."""
+(loss, eval_loss, learning rate, grad norm, tokens/s, token accuracy, DPO's rewards),
+progress and ETA per step, events at milestones (the last one with the run's throughput and
+peak memory), each checkpoint with OpenAI's checkpoint metrics, and a stop at the next step
+once the job is cancelled (or, with a checkpoint to resume from, once the worker shuts down).
+
+The last step always saves a checkpoint and, with a validation set, evaluates first: that
+checkpoint is the final model, and its `full_valid_loss` the loss on the whole validation set
+at the end."""
 
 import math
 import time
@@ -44,18 +48,36 @@ class Reporter(Protocol):
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None: ...
 
 
+# trl's names for what it logs beside the loss -> afina's metric series (`JobMetric`).
+TRAIN_METRICS = {
+    "mean_token_accuracy": "mean_token_accuracy",
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/accuracies": "rewards_accuracies",
+    "rewards/margins": "rewards_margins",
+}
+EVAL_METRICS = {
+    "eval_mean_token_accuracy": "eval_mean_token_accuracy",
+    "eval_rewards/accuracies": "eval_rewards_accuracies",
+}
+
+
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 class ProgressCallback(TrainerCallback):
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: Reporter, accuracy: str = "mean_token_accuracy") -> None:
         self.reporter = reporter
+        self.accuracy = accuracy  # the logged value checkpoints report as accuracy
         self.started = 0.0
         self.cpu_started = 0.0
         self.first_step = 0
         self.last_loss: float | None = None
+        self.last_accuracy: float | None = None
         self.last_eval_loss: float | None = None
+        self.last_eval_accuracy: float | None = None
+        self.eval_step: int | None = None
         self.tokens_at_start = self.tokens_at_last_log = 0
         self.time_at_last_log = 0.0
         self.stopped_early = False
@@ -97,6 +119,7 @@ class ProgressCallback(TrainerCallback):
             elapsed = now - self.time_at_last_log
             self.tokens_at_last_log, self.time_at_last_log = state.num_input_tokens_seen, now
             self.last_loss = _finite(logs["loss"])
+            self.last_accuracy = _finite(logs.get(self.accuracy))
             self.reporter.metric(
                 step,
                 {
@@ -105,11 +128,20 @@ class ProgressCallback(TrainerCallback):
                     "learning_rate": _finite(logs.get("learning_rate")),
                     "grad_norm": _finite(logs.get("grad_norm")),
                     "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                    **{ours: _finite(logs.get(name)) for name, ours in TRAIN_METRICS.items()},
                 },
             )
         if "eval_loss" in logs:
             self.last_eval_loss = _finite(logs["eval_loss"])
-            self.reporter.metric(step, {"eval_loss": self.last_eval_loss})
+            self.last_eval_accuracy = _finite(logs.get(f"eval_{self.accuracy}"))
+            self.eval_step = step
+            self.reporter.metric(
+                step,
+                {
+                    "eval_loss": self.last_eval_loss,
+                    **{ours: _finite(logs.get(name)) for name, ours in EVAL_METRICS.items()},
+                },
+            )
             self.reporter.event(
                 f"Step {step}: eval_loss {logs['eval_loss']:.4f}",
                 data={"step": step, "eval_loss": self.last_eval_loss},
@@ -134,6 +166,9 @@ class ProgressCallback(TrainerCallback):
             # it keeps nothing, and stops at once.
             control.should_save = self.reporter.save_before_stopping()
             control.should_evaluate = False
+        elif state.global_step >= state.max_steps:  # the final model, as a checkpoint too
+            control.should_save = True
+            control.should_evaluate = args.eval_strategy != "no"
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -150,11 +185,19 @@ class ProgressCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         step = state.global_step
-        self.reporter.checkpoint(
-            step,
-            f"{args.output_dir}/checkpoint-{step}",
-            {"step": step, "train_loss": self.last_loss, "valid_loss": self.last_eval_loss},
-        )
+        metrics = {
+            "step": step,
+            "train_loss": self.last_loss,
+            "valid_loss": self.last_eval_loss,
+            "train_mean_token_accuracy": self.last_accuracy,
+            "valid_mean_token_accuracy": self.last_eval_accuracy,
+        }
+        if step >= state.max_steps and self.eval_step == step and not self.stopped_early:
+            metrics |= {
+                "full_valid_loss": self.last_eval_loss,
+                "full_valid_mean_token_accuracy": self.last_eval_accuracy,
+            }
+        self.reporter.checkpoint(step, f"{args.output_dir}/checkpoint-{step}", metrics)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
