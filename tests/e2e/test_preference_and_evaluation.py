@@ -7,11 +7,14 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
+from afina.core.job_config import ConfigRequest, resolve_config
+from afina.worker.training.run import TrainingRun, train
 from tests.e2e.conftest import wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.support import LOCAL, jsonl
@@ -178,3 +181,71 @@ def test_a_dpo_job_trains_an_sft_job_s_fine_tuned_model_further(api, stack, demo
     # No validation file: no evaluation, and only the metrics file.
     assert len(job["result_files"]) == 1
     assert not any(m.startswith("Evaluation") for m in messages(api, job["id"]))
+
+
+class StopAt:
+    """A `Reporter` that records the loss curve and, like a worker shutting down, asks the
+    run to save and stop once it reaches `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.losses: dict[int, float | None] = {}
+        self.saved: list[str] = []
+
+    def event(self, message, *, data=None) -> None: ...
+
+    def configured(self, config) -> None: ...
+
+    def tokenized(self, name, directory) -> None: ...
+
+    def metric(self, step, values) -> None:
+        if "loss" in values:
+            self.losses[step] = values["loss"]
+
+    def progress(self, steps_done, total_steps, epoch, estimated_finish) -> bool:
+        return self.stop_at is None or steps_done < self.stop_at
+
+    def save_before_stopping(self) -> bool:
+        return True
+
+    def checkpoint(self, step, directory, metrics) -> None:
+        self.saved.append(directory)
+
+
+def test_a_dpo_run_resumed_from_its_checkpoint_repeats_the_uninterrupted_run(demo_model, tmp_path):
+    request = ConfigRequest.model_validate(
+        {
+            "method": {
+                "type": "dpo",
+                "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}},
+            },
+            "training": {"learning_rate": 5e-3},
+        }
+    )
+    config = resolve_config(request, num_examples=16, model_max_length=512)
+
+    def run(name: str, reporter: StopAt, resume_from=None):
+        return train(
+            TrainingRun(
+                model=str(demo_model),
+                config=config,
+                seed=3,
+                training_data=lambda: io.BytesIO(PAIRS),
+                validation_data=None,
+                workdir=tmp_path / name,
+                max_line_bytes=2**20,
+                resume_from=resume_from,
+            ),
+            reporter,
+        )
+
+    whole = StopAt()
+    assert run("whole", whole).adapter_dir is not None
+    first = StopAt(stop_at=3)
+    assert run("first", first).adapter_dir is None  # stopped, with a checkpoint
+    second = StopAt()
+    run("second", second, resume_from=Path(first.saved[-1]))
+    assert min(second.losses) == 4  # it went on after the checkpoint of step 3
+    expected = {step: whole.losses[step] for step in second.losses}
+    assert second.losses == pytest.approx(expected, rel=1e-5)
+    assert max(second.losses) == max(whole.losses)

@@ -7,10 +7,10 @@ import pytest
 from sqlalchemy import update
 
 from afina.core.base_models import read_local_config
-from afina.core.datasets import ChatExample
+from afina.core.datasets import ChatExample, PreferenceExample
 from afina.core.estimate import ModelShape
 from afina.core.model_loading import load_tokenizer
-from afina.core.records import to_record
+from afina.core.records import to_preference_record, to_record
 from afina.jobs.planning import CPU_RESIDENT_FACTOR, FIT_SHARE
 from afina.jobs.workers import size_key
 from afina.models import Job, JobEvent, Worker
@@ -215,3 +215,30 @@ def test_a_cpu_worker_needs_room_for_what_a_cpu_process_adds(client, model, trai
         register_worker(db, "gpu", memory_total=memory, kind="cuda", name="GPU")
     assert plan()["fits"]["workers"] == ["gpu"]
     assert CPU_RESIDENT_FACTOR * total > FIT_SHARE * memory
+
+
+def test_a_dpo_job_is_estimated_on_both_rows_of_each_pair(client, model):
+    pairs = [
+        {
+            "input": {"messages": [{"role": "user", "content": "tell me " + "more " * n}]},
+            "preferred_output": [{"role": "assistant", "content": "sure " * (n + 1)}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        }
+        for n in range(4)
+    ]
+    training_file = upload(client, jsonl(*pairs)).json()["id"]
+    response = client.post(
+        "/v1/fine_tuning/jobs/estimate",
+        json={"model": model, "training_file": training_file, "method": {"type": "dpo"}},
+    )
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    tokenizer = load_tokenizer(model, trust_remote_code=False)
+    records = [
+        to_preference_record(PreferenceExample.model_validate(pair), tokenizer) for pair in pairs
+    ]
+    # Each pair runs as two rows, the prompt and each answer, padded to the longer answer.
+    expected = sum(
+        2 * (len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids))) for r in records
+    )
+    assert (plan["tokens"], plan["examples"]) == (expected, 4)

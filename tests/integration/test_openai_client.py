@@ -65,3 +65,41 @@ def test_wrong_purpose_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.files.create(file=("a.jsonl", CONTENT), purpose="assistants")
     assert refused.value.param == "purpose"
+
+
+PAIRS = "".join(
+    json.dumps(
+        {
+            "input": {"messages": [{"role": "user", "content": f"Say {n}"}]},
+            "preferred_output": [{"role": "assistant", "content": n}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        }
+    )
+    + "\n"
+    for n in ("one", "two", "three")
+).encode()
+
+
+def test_a_dpo_job_is_created_as_the_readme_shows(client):
+    pairs = client.files.create(file=("pairs.jsonl", PAIRS), purpose="fine-tune")
+    assert pairs.model_extra["validation"]["format"] == "preference"
+    job = client.fine_tuning.jobs.create(
+        model="org/base",
+        training_file=pairs.id,
+        validation_file=pairs.id,
+        method={
+            "type": "dpo",
+            "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 2}},
+        },
+        extra_body={"evaluation": {"samples": 3}},
+    )
+    assert job.method.type == "dpo"
+    assert job.method.dpo.hyperparameters.beta == 0.2
+    assert job.method.dpo.hyperparameters.n_epochs == 2
+    assert job.model_extra["config"]["evaluation"]["samples"] == 3
+    assert job.result_files == []
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(
+            model="org/base", training_file=pairs.id, method={"type": "supervised"}
+        )
+    assert (refused.value.param, refused.value.code) == ("training_file", "invalid_file_format")
