@@ -26,7 +26,7 @@ from afina.core.storage import ArtifactStorage, adapter_key, checkpoint_key
 from afina.models import Job, JobCheckpoint, JobStatus
 from afina.serving.protocol import AdapterSpec, BaseModelSpec, ModelSpec
 
-_CHECKPOINT = re.compile(r"(?P<job>ftjob-[A-Za-z0-9]+):ckpt-step-(?P<step>[0-9]{1,9})")
+CHECKPOINT_NAME = re.compile(r"(?P<job>ftjob-[A-Za-z0-9]+):ckpt-step-(?P<step>[0-9]{1,9})")
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -119,7 +119,7 @@ def resolve_model(
         return _job_model(settings, storage, job, name, param)
     if name.startswith("ftjob-") and ":" not in name:
         return resolve_job(db, settings, storage, project, name, param)
-    if checkpoint := _CHECKPOINT.fullmatch(name):
+    if checkpoint := CHECKPOINT_NAME.fullmatch(name):
         job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
         step = int(checkpoint["step"])
         saved = (

@@ -67,10 +67,11 @@ class Job(CreatedAt, Base):
     training_file_id: Mapped[str] = mapped_column(String(64), index=True)
     validation_file_id: Mapped[str | None] = mapped_column(String(64), index=True)
     suffix: Mapped[str | None] = mapped_column(String(64))
-    # The caller's fine-tuned model this job trains further (`model` is then its base), as
-    # the request named it, and the job that made it.
+    # The caller's fine-tuned model or checkpoint this job trains further (`model` is then
+    # its base), as the request named it; the job that made it, and the checkpoint's step.
     parent_model: Mapped[str | None] = mapped_column(String(512))
     parent_job_id: Mapped[str | None] = mapped_column(String(64))
+    parent_step: Mapped[int | None]
     seed: Mapped[int]
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)

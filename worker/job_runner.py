@@ -33,6 +33,7 @@ from afina.core.settings import Settings
 from afina.core.storage import (
     ArtifactStorage,
     adapter_key,
+    checkpoint_key,
     file_key,
     latest_resume_step,
     resume_key,
@@ -127,10 +128,14 @@ def _tokenized(context: WorkerContext, run: Run) -> Path | None:
 
 
 def _parent_adapter(context: WorkerContext, job: Job, run: Run) -> Path | None:
-    """The adapter of the fine-tuned model the job trains further, as a local directory."""
+    """The adapter of the fine-tuned model or checkpoint the job trains further, as a local
+    directory."""
     if job.parent_job_id is None:
         return None
-    key = adapter_key(job.parent_job_id)
+    if job.parent_step is None:
+        key = adapter_key(job.parent_job_id)
+    else:
+        key = checkpoint_key(job.parent_job_id, job.parent_step)
     if not context.storage.names(key):
         raise TrainingFailure(
             "model_not_found",

@@ -40,13 +40,14 @@ from afina.api.schemas.jobs import (
     MetricPoint,
     MetricSeries,
 )
+from afina.api.served_models import CHECKPOINT_NAME
 from afina.core import base_models
 from afina.core.datasets import DatasetFormat
 from afina.core.disk import freeing_space, is_disk_full
 from afina.core.estimate import ModelShape, size
 from afina.core.fields import shown
 from afina.core.ids import new_id
-from afina.core.job_config import JobConfig, MethodType, resolve_config
+from afina.core.job_config import JobConfig, LoraSettings, MethodType, resolve_config
 from afina.core.records import RecordError
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, file_key
@@ -134,31 +135,53 @@ def _dataset(db: Session, project: str, file_id: str, param: str, method: Method
     return row
 
 
-def _parent(db: Session, project: str, body: JobCreate) -> Job | None:
-    """The caller's job whose fine-tuned model `body.model` names, if it names one: the new
-    job trains that adapter further, on its base and with its LoRA settings."""
-    if not body.model.startswith("ft:"):
+@dataclass(frozen=True)
+class _Parent:
+    """The caller's fine-tuned model or checkpoint a job trains further."""
+
+    job: Job
+    step: int | None  # a checkpoint's; None: the job's final adapter
+    lora: LoraSettings
+
+
+def _parent_job(db: Session, project: str, name: str) -> tuple[Job | None, int | None]:
+    if checkpoint := CHECKPOINT_NAME.fullmatch(name):
+        job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
+        step = int(checkpoint["step"])
+        saved = job is not None and db.scalar(
+            select(JobCheckpoint.id).where(
+                JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
+            )
+        )
+        return (job, step) if saved else (None, None)
+    job = db.scalars(select(Job).where(Job.fine_tuned_model == name, Job.project == project))
+    return job.first(), None
+
+
+def _parent(db: Session, project: str, body: JobCreate) -> _Parent | None:
+    """The caller's fine-tuned model (`ft:...`) or checkpoint (`ftjob-...:ckpt-step-N`) that
+    `body.model` names, if it names one: the new job trains that adapter further, on its
+    base and with its LoRA settings."""
+    if not (body.model.startswith("ft:") or CHECKPOINT_NAME.fullmatch(body.model)):
         return None
-    parent = db.scalars(
-        select(Job).where(Job.fine_tuned_model == body.model, Job.project == project)
-    ).first()
-    if parent is None:
+    job, step = _parent_job(db, project, body.model)
+    if job is None:
         raise APIError(
             404,
-            f"No fine-tuned model {shown(body.model)} in this project",
+            f"No fine-tuned model or checkpoint {shown(body.model)} in this project",
             param="model",
             code="model_not_found",
         )
-    lora = JobConfig.model_validate(parent.config).lora
+    lora = JobConfig.model_validate(job.config).lora
     if "lora" in body.model_fields_set and body.lora != lora:
         raise APIError(
             400,
-            f"The LoRA settings of {parent.fine_tuned_model} are {lora.model_dump_json()}: a "
-            "job that trains it further keeps them; leave lora out or give those",
+            f"The LoRA settings of {body.model} are {lora.model_dump_json()}: a job that "
+            "trains it further keeps them; leave lora out or give those",
             param="lora",
             code="lora_mismatch",
         )
-    return parent
+    return _Parent(job, step, lora)
 
 
 @dataclass(frozen=True)
@@ -169,14 +192,13 @@ class _Checked:
     training: File
     config: JobConfig
     model_config: dict[str, object] | None  # None: not readable here (a hub model not cached)
-    parent: Job | None  # the job whose fine-tuned model this one trains further
+    parent: _Parent | None  # what this job trains further
 
 
 def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> _Checked:
     parent = _parent(db, project, body)
     if parent is not None:
-        lora = JobConfig.model_validate(parent.config).lora
-        body = body.model_copy(update={"model": parent.model, "lora": lora})
+        body = body.model_copy(update={"model": parent.job.model, "lora": parent.lora})
     model, model_limit = _model_limit(body.model, settings.allowed_models)
     model_config = (
         base_models.read_local_config(model, shown=body.model)
@@ -283,7 +305,8 @@ def create_job(
         validation_file_id=body.validation_file,
         suffix=body.suffix,
         parent_model=body.model if checked.parent else None,
-        parent_job_id=checked.parent.id if checked.parent else None,
+        parent_job_id=checked.parent.job.id if checked.parent else None,
+        parent_step=checked.parent.step if checked.parent else None,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         user_metadata=body.metadata,
         config=config.model_dump(mode="json"),

@@ -115,7 +115,8 @@ class JobObject(BaseModel):
     model: str = Field(description="The base model (of the fine-tuned model it continues).")
     fine_tuned_model: str | None
     continued_from: str | None = Field(
-        description="The fine-tuned model this job trains further, as the request named it."
+        description="The fine-tuned model or checkpoint this job trains further, as the "
+        "request named it."
     )
     organization_id: str = Field(description="The project that owns the job.")
     training_file: str

@@ -1,4 +1,5 @@
-"""DPO and evaluation: a job's parent model and result files; accuracy and reward metrics.
+"""DPO and evaluation: the model (or checkpoint) a job trains further and its result files;
+accuracy and reward metrics.
 
 Revision ID: 0005
 Revises: 0004
@@ -29,6 +30,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("parent_model", sa.String(length=512), nullable=True))
         batch.add_column(sa.Column("parent_job_id", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("parent_step", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("result_files", sa.JSON(), server_default="[]", nullable=False))
     with op.batch_alter_table("job_metrics") as batch:
         for name in METRICS:
@@ -41,5 +43,6 @@ def downgrade() -> None:
             batch.drop_column(name)
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("result_files")
+        batch.drop_column("parent_step")
         batch.drop_column("parent_job_id")
         batch.drop_column("parent_model")

@@ -157,7 +157,9 @@ def test_a_supervised_job_with_a_validation_file_evaluates_and_leaves_result_fil
     )
 
 
-def test_a_dpo_job_trains_an_sft_job_s_fine_tuned_model_further(api, stack, demo_model):
+def test_a_dpo_job_trains_an_sft_job_s_fine_tuned_model_or_checkpoint_further(
+    api, stack, demo_model
+):
     sft = create_job(
         api,
         model=str(demo_model),
@@ -181,6 +183,12 @@ def test_a_dpo_job_trains_an_sft_job_s_fine_tuned_model_further(api, stack, demo
     # No validation file: no evaluation, and only the metrics file.
     assert len(job["result_files"]) == 1
     assert not any(m.startswith("Evaluation") for m in messages(api, job["id"]))
+    # A checkpoint trains further the same way.
+    checkpoint = checkpoints(api, sft["id"])[0]["fine_tuned_model_checkpoint"]
+    again = create_job(api, **dpo_body(checkpoint, pairs))
+    assert again["continued_from"] == checkpoint
+    again = wait_for_job(api, stack, again["id"])
+    assert again["status"] == "succeeded", again["error"]
 
 
 class StopAt:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.jobs import lifecycle
-from afina.models import Job, JobEvent, JobStatus
+from afina.models import Job, JobCheckpoint, JobEvent, JobStatus
 from afina.models.session import make_engine, make_session_factory
 from tests.support import LOCAL, assert_error, job_row, jsonl, rows, upload
 
@@ -602,9 +602,32 @@ def test_a_job_may_train_the_caller_s_fine_tuned_model_further(client, settings,
     assert '"r":8' in error["message"]
 
 
+def test_a_job_may_train_one_of_the_caller_s_checkpoints_further(client, settings, body):
+    parent = add_succeeded_job(settings, "default", body["model"], lora={"r": 4})
+    add_checkpoint(settings, parent.id, 6)
+    job = create(client, {**body, "model": f"{parent.id}:ckpt-step-6"}).json()
+    assert (job["model"], job["continued_from"]) == (body["model"], f"{parent.id}:ckpt-step-6")
+    assert job["config"]["lora"]["r"] == 4
+    [stored] = [row for row in rows(settings, Job) if row.id == job["id"]]
+    assert (stored.parent_job_id, stored.parent_step) == (parent.id, 6)
+    error = assert_error(
+        create(client, {**body, "model": f"{parent.id}:ckpt-step-7"}), 404, "model"
+    )
+    assert error["code"] == "model_not_found"
+
+
+def add_checkpoint(settings, job_id: str, step: int) -> None:
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine).begin() as session:
+        session.add(JobCheckpoint(id=f"ftckpt-{job_id}-{step}", job_id=job_id, step=step))
+    engine.dispose()
+
+
 def test_another_project_s_or_an_unknown_fine_tuned_model_is_a_404(client, settings, body):
     other = add_succeeded_job(settings, "other", body["model"])
-    for model in (other.fine_tuned_model, f"ft:{body['model']}:default::12345678"):
+    add_checkpoint(settings, other.id, 2)
+    unknown = f"ft:{body['model']}:default::12345678"
+    for model in (other.fine_tuned_model, f"{other.id}:ckpt-step-2", unknown):
         error = assert_error(
             create(client, {**body, "model": model}), 404, "model", "model_not_found"
         )
