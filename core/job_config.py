@@ -134,9 +134,30 @@ class Dpo(_Strict):
 MethodType = Literal["supervised", "dpo"]
 
 
+def _section_goes_with_its_type(section: str, default: bool) -> dict[str, Any]:
+    """JSON Schema for: `section` is absent, or `type` names it (or is absent, for the
+    default method)."""
+    named = {"properties": {"type": {"const": section}}}
+    return {
+        "anyOf": [
+            {"not": {"required": [section]}},
+            named if default else {**named, "required": ["type"]},
+        ]
+    }
+
+
 class Method(_Strict):
     """OpenAI's `method`: the section named by `type` holds the hyperparameters; the other
     section may not be given."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _section_goes_with_its_type("supervised", default=True),
+                _section_goes_with_its_type("dpo", default=False),
+            ]
+        }
+    )
 
     type: MethodType = "supervised"
     supervised: Supervised = Supervised()
@@ -292,6 +313,28 @@ def field_error(
 _MULTIPLIER = "learning_rate_multiplier"
 _CONFLICTS = {
     "allOf": [
+        {
+            "not": {
+                "allOf": [
+                    _given("method", "type", json_type="string"),
+                    {"properties": {"method": {"properties": {"type": {"const": "dpo"}}}}},
+                    {
+                        "anyOf": [
+                            {
+                                "required": ["training"],
+                                "properties": {
+                                    "training": {
+                                        "required": [name],
+                                        "properties": {name: {"const": True}},
+                                    }
+                                },
+                            }
+                            for name in DPO_REFUSED
+                        ]
+                    },
+                ]
+            }
+        },
         {"not": {"allOf": [_given("method"), _given("hyperparameters")]}},
         {
             "not": {
