@@ -104,6 +104,22 @@ def resolve_job(
     return _job_model(settings, storage, job, job_id, param)
 
 
+def find_trained(db: Session, project: str, name: str) -> tuple[Job | None, int | None]:
+    """The caller's job behind a fine-tuned model name (`ft:...`) or a saved checkpoint
+    (`{job id}:ckpt-step-{n}`), and the checkpoint's step; (None, None) when there is none."""
+    if checkpoint := CHECKPOINT_NAME.fullmatch(name):
+        job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
+        step = int(checkpoint["step"])
+        saved = job is not None and db.scalar(
+            select(JobCheckpoint.id).where(
+                JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
+            )
+        )
+        return (job, step) if saved else (None, None)
+    found = db.scalars(select(Job).where(Job.project == project, Job.fine_tuned_model == name))
+    return found.first(), None
+
+
 def resolve_model(
     db: Session,
     settings: Settings,
@@ -113,26 +129,13 @@ def resolve_model(
     param: str = "model",
 ) -> ModelSpec:
     if name.startswith("ft:"):
-        job = db.scalars(
-            select(Job).where(Job.project == project, Job.fine_tuned_model == name)
-        ).first()
+        job, _ = find_trained(db, project, name)
         return _job_model(settings, storage, job, name, param)
     if name.startswith("ftjob-") and ":" not in name:
         return resolve_job(db, settings, storage, project, name, param)
-    if checkpoint := CHECKPOINT_NAME.fullmatch(name):
-        job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
-        step = int(checkpoint["step"])
-        saved = (
-            job is not None
-            and db.scalars(
-                select(JobCheckpoint).where(
-                    JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
-                )
-            ).first()
-        )
-        if not saved:
-            raise _not_found(name, param)
-        if not _allowed(job.model, settings):
+    if CHECKPOINT_NAME.fullmatch(name):
+        job, step = find_trained(db, project, name)
+        if job is None or step is None or not _allowed(job.model, settings):
             raise _not_found(name, param)
         key = checkpoint_key(job.id, step)
         return _adapter(storage, ModelSpec(name, _base_spec(job), AdapterSpec(key, name), param))

@@ -1,5 +1,7 @@
 """The memory estimate against what a real run takes: afina's training code on a random-weight
-Llama, each configuration in a process of its own, and `POST .../estimate`'s figure for it.
+Llama, each configuration in a process of its own, and the estimate's memory for it
+(`core.estimate.memory`, what `POST .../estimate` answers with, here with the run's settings
+given directly).
 
 Measured: on a GPU `torch.cuda.max_memory_allocated` over the run (what the estimate
 counts); on the CPU the process's peak resident set during training less its resident set
@@ -98,7 +100,7 @@ def child(model: str, data: str, name: str, length: int, workdir: str) -> None:
     print(json.dumps({"measured": peak, "device": "cuda" if cuda else "cpu"}))
 
 
-def estimate(model: str, data: str, name: str, length: int, device: str) -> dict[str, Any]:
+def estimate(model: str, name: str, length: int, device: str) -> dict[str, Any]:
     """The estimate's memory for this configuration, as the API works it out."""
     from afina.core.base_models import read_local_config
     from afina.core.estimate import ModelShape, memory
@@ -162,7 +164,7 @@ def main() -> None:
                     check=True,
                 ).stdout  # fmt: skip
                 measured = json.loads(output.strip().splitlines()[-1])["measured"]
-                total = estimate(model, str(data), name, length, device)["total"]
+                total = estimate(model, name, length, device)["total"]
                 figures[name] = (total, measured)
                 print(
                     f"{name:<36} {length:>6} {total / 2**20:>7.0f} MiB {measured / 2**20:>7.0f} MiB"

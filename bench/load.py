@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from train_job import afina_serve  # a sibling script: started as bench/load.py
+from train_job import AFINA, afina_serve  # a sibling script: started as bench/load.py
 
-AFINA = Path(sys.executable).with_name("afina")
 KEY = "sk-bench-load"
 TIMEOUT_SECONDS = 10.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

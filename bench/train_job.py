@@ -63,13 +63,17 @@ def wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def afina_serve(workdir: Path, **variables: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`afina serve` on a free loopback port, with its data in `workdir/data`, its log in
-    `workdir/serve.log` and these variables set; its URL and process once it answers. It is
-    stopped at the end."""
+    """`afina serve` on a free loopback port, embedded (whatever database, broker or storage
+    the shell names), with its data in `workdir/data`, its log in `workdir/serve.log` and
+    these variables set; its URL and process once it answers. It is stopped at the end
+    (killed if SIGTERM has not stopped it in 60 s)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data"), **variables}
+    env = {**os.environ, "AFINA_DATA_DIR": str(workdir / "data")}
+    for name in ("AFINA_DATABASE_URL", "AFINA_BROKER_URL", "AFINA_STORAGE_URL"):
+        env.pop(name, None)
+    env |= variables
     with (workdir / "serve.log").open("wb") as log:
         server = subprocess.Popen(
             [AFINA, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -80,7 +84,12 @@ def afina_serve(workdir: Path, **variables: str) -> Iterator[tuple[str, subproce
             yield base, server
         finally:
             server.terminate()
-            server.wait(60)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                print("afina serve did not stop in 60 s after SIGTERM: killed", flush=True)
+                server.kill()
+                server.wait()
 
 
 def timings(database: Path, job_id: str) -> dict[str, float]:

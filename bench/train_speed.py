@@ -70,7 +70,6 @@ ONE_B = ModelShape(
 )
 MAX_LENGTH = 1024
 RECIPE_LORA = {"r": 64, "target_modules": ["q_proj", "v_proj"]}
-# Dense bf16 peaks (no sparsity), in FLOP/s, by a piece of the device's name.
 TEXT = (
     "the model learns a task from examples and answers questions about data training loss "
     "adapter weights quantized layer attention token sequence batch step gradient optimizer "

@@ -66,3 +66,11 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, list | tuple):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+def generation_stops(eos: frozenset[int], turn: Stops, *, chat: bool) -> Stops:
+    """Where a generation ends: at EOS, and after a chat prompt also at the template's end
+    of turn (a plain prompt was trained with EOS after its completion)."""
+    if not chat:
+        return Stops(ids=eos)
+    return Stops(ids=eos | turn.ids, strings=turn.strings)

@@ -67,23 +67,31 @@ def _eos(tokenizer: Any, text: str) -> str:
     return "" if not eos or text.endswith(eos) else eos
 
 
+def _chat_text(tokenizer: Any, messages: list[ChatMessage], *, generation_prompt: bool) -> str:
+    """The conversation through the tokenizer's chat template; with `generation_prompt`, the
+    assistant's turn opened after it."""
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    except Exception as error:  # jinja raises on conversations a template refuses
+        raise RecordError(f"the chat template failed: {error}") from error
+
+
 def _render_chat(example: ChatExample, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    messages = example.messages
 
     def render(upto: int, generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as error:
-            raise RecordError(f"the chat template failed: {error}") from error
+        return _chat_text(tokenizer, messages[:upto], generation_prompt=generation_prompt)
 
     text = render(len(messages), False)
     spans = []
-    for index, message in enumerate(example.messages):
+    for index, message in enumerate(messages):
         if message.role != "assistant" or message.weight == 0:
             continue
-        through = render(index + 1, False)
+        through = text if index + 1 == len(messages) else render(index + 1, False)
         # A template cannot render an empty conversation: an opening assistant turn's text
         # starts where its content does.
         if index:
@@ -100,6 +108,18 @@ def _render_chat(example: ChatExample, tokenizer: Any) -> tuple[str, list[tuple[
     return text, spans
 
 
+def _prompt_and_completion(example: Example, tokenizer: Any) -> tuple[str, str] | None:
+    """A prompt-completion or instruction example's prompt, as training renders it (BOS
+    first), and what follows it."""
+    if isinstance(example, PromptCompletionExample):
+        prompt, completion = example.prompt, example.completion
+    elif isinstance(example, InstructionExample):
+        prompt, completion = instruction_prompt(example.instruction, example.input), example.output
+    else:
+        return None
+    return prompt_text(tokenizer, prompt), completion
+
+
 def render(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """The example's training text and the character spans that carry loss."""
     if isinstance(example, ChatExample):
@@ -108,13 +128,10 @@ def render(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]
         text = bos_prefix(tokenizer, example.text) + example.text
         text += _eos(tokenizer, text)
         return text, [(0, len(text))]
-    if isinstance(example, PromptCompletionExample):
-        prompt, completion = example.prompt, example.completion
-    elif isinstance(example, InstructionExample):
-        prompt, completion = instruction_prompt(example.instruction, example.input), example.output
-    else:
+    prompted = _prompt_and_completion(example, tokenizer)
+    if prompted is None:
         raise TypeError(f"not a dataset example: {type(example).__name__}")
-    prompt = prompt_text(tokenizer, prompt)
+    prompt, completion = prompted
     text = prompt + completion
     text += _eos(tokenizer, text)
     return text, [(len(prompt), len(text))]
@@ -199,28 +216,17 @@ def prompt_and_reference(example: Example, tokenizer: Any) -> tuple[str, str] | 
     """The prompt text a model answers, as training rendered it, and the answer the dataset
     gives for it: the last assistant turn of a chat, a completion, an output, the preferred
     answer. None for plain text, which has no prompt."""
-    if isinstance(example, ChatExample | PreferenceExample):
-        if isinstance(example, ChatExample):
-            last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
-            context, answer = example.messages[:last], [example.messages[last]]
-        else:
-            context, answer = example.input.messages, example.preferred_output
-        if not context:
-            return None
-        messages = [{"role": m.role, "content": m.content} for m in context]
-        try:
-            prompt = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as error:
-            raise RecordError(f"the chat template failed: {error}") from error
-        return prompt, "".join(message.content for message in answer)
-    if isinstance(example, PromptCompletionExample):
-        return prompt_text(tokenizer, example.prompt), example.completion
-    if isinstance(example, InstructionExample):
-        prompt = instruction_prompt(example.instruction, example.input)
-        return prompt_text(tokenizer, prompt), example.output
-    return None
+    if isinstance(example, ChatExample):
+        last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
+        context, answer = example.messages[:last], [example.messages[last]]
+    elif isinstance(example, PreferenceExample):
+        context, answer = example.input.messages, example.preferred_output
+    else:
+        return _prompt_and_completion(example, tokenizer)
+    if not context:
+        return None
+    prompt = _chat_text(tokenizer, context, generation_prompt=True)
+    return prompt, "".join(message.content for message in answer)
 
 
 @dataclass

@@ -21,25 +21,26 @@ _KEEP = 32
 _tokenizers: dict[tuple[str, bool], Any] = {}  # loaded ones only: a model may come later
 
 
+def _keep(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
+    """Put `value` in `cache`, the oldest entry out past `limit`; safe on the API's request
+    threads, which may evict the same entry at once."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache), None), None)
+    cache[key] = value
+    return value
+
+
 def _tokenizer(model: str, trust_remote_code: bool) -> Any | None:
     from afina.core.model_loading import ModelLoadError, load_tokenizer  # torch: only if asked
 
     key = (model, trust_remote_code)
-    if key not in _tokenizers:
-        try:
-            loaded = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=True)
-        except ModelLoadError:
-            return None
-        if len(_tokenizers) >= 4:
-            _tokenizers.pop(next(iter(_tokenizers)))
-        _tokenizers[key] = loaded
-    return _tokenizers[key]
-
-
-def _remember(key: tuple[str, str, str, int], lengths: tuple[int, ...]) -> None:
-    if len(_counted) >= _KEEP:
-        _counted.pop(next(iter(_counted)))
-    _counted[key] = lengths
+    if (loaded := _tokenizers.get(key)) is not None:
+        return loaded
+    try:
+        loaded = load_tokenizer(model, trust_remote_code=trust_remote_code, offline=True)
+    except ModelLoadError:
+        return None
+    return _keep(_tokenizers, key, loaded, 4)
 
 
 def dataset_tokens(
@@ -54,8 +55,8 @@ def dataset_tokens(
     max_seq_length = config.training.max_seq_length
     assert max_seq_length is not None
     key = (file.id, model, config.training.loss_on, max_seq_length)
-    if key in _counted:
-        return Dataset(_counted[key], counted=True)
+    if (known := _counted.get(key)) is not None:
+        return Dataset(known, counted=True)
     tokenizer = _tokenizer(model, trust_remote_code)
     if tokenizer is None:
         each = max(1, min(max_seq_length, file.estimated_tokens // max(1, file.num_examples)))
@@ -69,5 +70,5 @@ def dataset_tokens(
             stats=RecordStats(),
         )
         lengths = tuple(sequence_tokens(record) for record in records)
-    _remember(key, lengths)
+    _keep(_counted, key, lengths, _KEEP)
     return Dataset(lengths, counted=True)

@@ -30,12 +30,17 @@ METRIC_COLUMNS = {
     "grad_norm": "grad_norm",
     "tokens_per_second": "tokens_per_second",
 }
+# A DPO job's accuracy is its reward accuracy, in the CSV as on its checkpoints
+# (`worker.training.progress`); trl's token accuracy of the preferred answers stays beside it.
 DPO_COLUMNS = {
+    "train_mean_token_accuracy": "rewards_accuracies",
+    "valid_mean_token_accuracy": "eval_rewards_accuracies",
+    "train_token_accuracy": "mean_token_accuracy",
+    "valid_token_accuracy": "eval_mean_token_accuracy",
     "rewards_chosen": "rewards_chosen",
     "rewards_rejected": "rewards_rejected",
     "rewards_accuracies": "rewards_accuracies",
     "rewards_margins": "rewards_margins",
-    "valid_rewards_accuracies": "eval_rewards_accuracies",
 }
 
 

@@ -10,6 +10,7 @@ import secrets
 
 import torch
 
+from afina.core.chat_format import generation_stops
 from afina.serving.decoding import Row, generate
 from afina.serving.model_cache import NO_ADAPTER, LoadedBase, ModelCache
 from afina.serving.prompts import prompt_ids
@@ -86,11 +87,11 @@ def _row(models: ModelCache, base: LoadedBase, stream: GenerationStream, ceiling
             param=params.max_tokens_param,
             code="context_length_exceeded",
         )
-    chat = prompt.messages is not None
-    stop_ids = frozenset()
-    if not params.ignore_eos:
-        stop_ids = vocabulary.eos | (vocabulary.end_of_turn.ids if chat else frozenset())
-    stop_strings = params.stop + (vocabulary.end_of_turn.strings if chat else ())
+    stops = generation_stops(
+        vocabulary.eos, vocabulary.end_of_turn, chat=prompt.messages is not None
+    )
+    stop_ids = frozenset() if params.ignore_eos else stops.ids
+    stop_strings = params.stop + stops.strings
     generator = None
     if params.temperature > 0:
         generator = torch.Generator().manual_seed(_generator_seed(params.seed))

@@ -37,6 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 XDIST_GROUPS = {
     "tests/e2e/test_training.py": "stack",
     "tests/e2e/test_inference.py": "stack",
+    "tests/e2e/test_preference_and_evaluation.py": "stack",
 }
 
 

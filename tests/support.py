@@ -133,6 +133,14 @@ def register_worker(
         db.get(Worker, worker_id).throughput = throughput
 
 
+def add_rows(settings: Settings, *added: Any) -> None:
+    """Write ORM rows (a job before its checkpoints) in one transaction of their own."""
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine).begin() as session:
+        session.add_all(added)
+    engine.dispose()
+
+
 def rows(settings: Settings, table: Any) -> list[Any]:
     """Every row of an ORM class, read in a session of its own."""
     engine = make_engine(settings.database_url)

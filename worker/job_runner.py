@@ -362,15 +362,16 @@ def _clean_up_if_ended(context: WorkerContext, job_id: str) -> None:
         shutil.rmtree(_job_workdir(context, job_id), ignore_errors=True)
 
 
-def _as_failure(error: BaseException) -> TrainingFailure:
+def _as_failure(error: BaseException, job: Job) -> TrainingFailure:
     if isinstance(error, TrainingFailure):
         return error
     if isinstance(error, torch.OutOfMemoryError):
+        method = JobConfig.model_validate(job.config).method
         return TrainingFailure(
             "out_of_memory",
             "the GPU ran out of memory: lower batch_size or training.max_seq_length, or turn "
             "on training.gradient_checkpointing",
-            "method.supervised.hyperparameters.batch_size",
+            f"method.{method}.hyperparameters.batch_size",
         )
     if is_disk_full(error):
         return TrainingFailure(
@@ -405,7 +406,7 @@ def run_job(context: WorkerContext, job_id: str) -> bool:
                 requeued = _run(context, job, recorder)
             except Exception as error:
                 logger.exception("job %s failed", job.id)
-                fail(context, run, _as_failure(error))
+                fail(context, run, _as_failure(error, job))
     finally:
         shutil.rmtree(workdir(context, run), ignore_errors=True)
         try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam
 from sqlalchemy.orm import Session
 
 from afina.api.deps import (
@@ -40,7 +40,7 @@ from afina.api.schemas.jobs import (
     MetricPoint,
     MetricSeries,
 )
-from afina.api.served_models import CHECKPOINT_NAME
+from afina.api.served_models import CHECKPOINT_NAME, find_trained
 from afina.core import base_models
 from afina.core.datasets import DatasetFormat
 from afina.core.disk import freeing_space, is_disk_full
@@ -76,9 +76,9 @@ METRIC_SERIES = (
 MAX_MODEL_NAME = Job.fine_tuned_model.type.length
 
 
-def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
-    """The model name to store and its context length when it can be read here (a local
-    model); refused with a 400 naming `model`."""
+def _model(model: str, allowed: list[str]) -> tuple[str, dict[str, object] | None]:
+    """The model name to store and its config.json when it can be read here (a local model,
+    or a hub model in this machine's cache); refused with a 400 naming `model`."""
     try:
         name = base_models.normalise(model)
         if not base_models.is_local(name) and not base_models.is_hub_id(name):
@@ -92,8 +92,8 @@ def _model_limit(model: str, allowed: list[str]) -> tuple[str, int | None]:
             base_models.check_allowed(written, allowed, shown=model)
         base_models.check_allowed(name, allowed, shown=model)
         if not base_models.is_local(name):
-            return name, None
-        return name, base_models.max_length(base_models.read_local_config(name, shown=model))
+            return name, base_models.cached_hub_config(name)
+        return name, base_models.read_local_config(name, shown=model)
     except base_models.ModelRefused as refused:
         raise APIError(400, str(refused), param="model", code="model_not_available") from None
 
@@ -144,27 +144,13 @@ class _Parent:
     lora: LoraSettings
 
 
-def _parent_job(db: Session, project: str, name: str) -> tuple[Job | None, int | None]:
-    if checkpoint := CHECKPOINT_NAME.fullmatch(name):
-        job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
-        step = int(checkpoint["step"])
-        saved = job is not None and db.scalar(
-            select(JobCheckpoint.id).where(
-                JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
-            )
-        )
-        return (job, step) if saved else (None, None)
-    job = db.scalars(select(Job).where(Job.fine_tuned_model == name, Job.project == project))
-    return job.first(), None
-
-
 def _parent(db: Session, project: str, body: JobCreate) -> _Parent | None:
     """The caller's fine-tuned model (`ft:...`) or checkpoint (`ftjob-...:ckpt-step-N`) that
     `body.model` names, if it names one: the new job trains that adapter further, on its
     base and with its LoRA settings."""
     if not (body.model.startswith("ft:") or CHECKPOINT_NAME.fullmatch(body.model)):
         return None
-    job, step = _parent_job(db, project, body.model)
+    job, step = find_trained(db, project, body.model)
     if job is None:
         raise APIError(
             404,
@@ -199,14 +185,8 @@ def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> 
     parent = _parent(db, project, body)
     if parent is not None:
         body = body.model_copy(update={"model": parent.job.model, "lora": parent.lora})
-    model, model_limit = _model_limit(body.model, settings.allowed_models)
-    model_config = (
-        base_models.read_local_config(model, shown=body.model)
-        if base_models.is_local(model)
-        else base_models.cached_hub_config(model)
-    )
-    if model_limit is None and model_config is not None:
-        model_limit = base_models.max_length(model_config)
+    model, model_config = _model(body.model, settings.allowed_models)
+    model_limit = base_models.max_length(model_config) if model_config else None
     method = body.method_type
     training = _dataset(db, project, body.training_file, "training_file", method)
     if body.validation_file is not None:

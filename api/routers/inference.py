@@ -238,7 +238,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                     message=AssistantMessage(content=done.text), finish_reason=done.finish_reason
                 )
             ],
-            usage=UsageObject(**done.usage.as_dict()),
+            usage=UsageObject.of(done.usage),
         )
     return _openai_stream(
         stream,
@@ -271,7 +271,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return Completion(
             **identity,
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
-            usage=UsageObject(**done.usage.as_dict()),
+            usage=UsageObject.of(done.usage),
         )
     return _openai_stream(
         stream,
@@ -310,7 +310,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             model=model.name,
             text=done.text,
             finish_reason=done.finish_reason,
-            usage=UsageObject(**done.usage.as_dict()),
+            usage=UsageObject.of(done.usage),
         )
     return _event_stream(
         stream,

@@ -7,10 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from afina.core.job_config import integer
+from afina.serving.protocol import FinishReason, Usage
 
 MAX_STOP_STRINGS = 4
-FinishReason = Literal["stop", "length"]
-
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding.")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxTokens = integer(ge=1)
@@ -151,6 +150,10 @@ class UsageObject(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> "UsageObject":
+        return cls(**usage.as_dict())
 
 
 class GenerateResponse(BaseModel):

@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 
 from afina.api.app import create_app
 from afina.core.job_config import ConfigRequest, resolve_config
+from afina.core.settings import Settings
 from afina.worker.training.run import TrainingRun, train
-from tests.e2e.conftest import wait_for_job, worker_process
+from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.support import LOCAL, jsonl
 
@@ -31,6 +32,12 @@ PAIRS = jsonl(
         for b in range(4)
     )
 )
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path) -> Settings:
+    """The stack of one test: on PostgreSQL, with Redis as the broker."""
+    return stack_settings(database_url, tmp_path)
 
 
 def metrics(api, job_id: str) -> list[dict]:
@@ -145,8 +152,6 @@ def test_a_supervised_job_with_a_validation_file_evaluates_and_leaves_result_fil
     for line in generations:
         assert line["prompt"].endswith("<|im_start|>assistant\n")
         assert line["reference"].startswith("The answer is")
-        assert isinstance(line["fine_tuned_model"], str)
-        assert isinstance(line["base_model"], str)
     # The adapter changed the answers: the base model's are the random model's.
     assert [line["fine_tuned_model"] for line in generations] != [
         line["base_model"] for line in generations

@@ -210,11 +210,11 @@ def test_a_cpu_worker_needs_room_for_what_a_cpu_process_adds(client, model, trai
 
     total = plan()["memory"]["total"]
     memory = int(2 * total / FIT_SHARE)  # room for the estimate, not for 2.5 times it
+    assert CPU_RESIDENT_FACTOR * total > FIT_SHARE * memory  # the set-up, as it says
     with client.app.state.session_factory.begin() as db:
         register_worker(db, "cpu", memory_total=memory, kind="cpu", name="CPU")
         register_worker(db, "gpu", memory_total=memory, kind="cuda", name="GPU")
     assert plan()["fits"]["workers"] == ["gpu"]
-    assert CPU_RESIDENT_FACTOR * total > FIT_SHARE * memory
 
 
 def test_a_dpo_job_is_estimated_on_both_rows_of_each_pair(client, model):

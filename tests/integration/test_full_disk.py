@@ -41,6 +41,7 @@ from afina.worker.training.run import TrainingOutcome
 from tests.support import (
     JOB_CONFIG,
     LOCAL,
+    add_rows,
     assert_error,
     exhaust_sqlite,
     fill_disk,
@@ -96,11 +97,8 @@ def stored_files(settings: Settings) -> list[str]:
 
 def queued_job(settings: Settings, training_file: str) -> str:
     """A job as the API stores it, queued (no worker takes it here)."""
-    engine = make_engine(settings.database_url)
     job = job_row(project="default", training_file_id=training_file)
-    with make_session_factory(engine).begin() as session:
-        session.add(job)
-    engine.dispose()
+    add_rows(settings, job)
     return job.id
 
 

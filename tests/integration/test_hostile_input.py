@@ -33,8 +33,7 @@ from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import TEMPORARY_MARK, adapter_key
 from afina.models import File, Job, JobEvent, JobStatus
-from afina.models.session import make_engine, make_session_factory
-from tests.support import LOCAL, assert_error, http_scope, job_row, jsonl, rows, upload
+from tests.support import LOCAL, add_rows, assert_error, http_scope, job_row, jsonl, rows, upload
 
 ALLOWED = ["org/*", "/models/*"]  # globs only: no base model is callable by name
 BASE = "org/base-model"
@@ -714,11 +713,7 @@ def fine_tuned(settings: Settings) -> str:
         finished_at=datetime.now(UTC),
     )
     job.fine_tuned_model = job.fine_tuned_model_name()
-    engine = make_engine(settings.database_url)
-    with make_session_factory(engine)() as session:
-        session.add(job)
-        session.commit()
-    engine.dispose()
+    add_rows(settings, job)
     directory = Path(settings.storage_url) / adapter_key(job.id)
     directory.mkdir(parents=True)
     (directory / "adapter_config.json").write_text("{}")

@@ -19,9 +19,8 @@ from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key
 from afina.models import JobCheckpoint, JobStatus
-from afina.models.session import make_engine, make_session_factory
 from afina.serving.engine import InferenceEngine
-from tests.support import LOCAL, assert_error, job_row
+from tests.support import LOCAL, add_rows, assert_error, job_row
 
 ALLOWED = ["/models/a", "org/*"]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -59,14 +58,11 @@ def add_job(
     if status == JobStatus.SUCCEEDED:
         job.fine_tuned_model = job.fine_tuned_model_name()
         job.finished_at = finished_at or datetime.now(UTC)
-    engine = make_engine(settings.database_url)
-    with make_session_factory(engine)() as session:
-        session.add(job)
-        session.flush()
-        for step in checkpoints:
-            session.add(JobCheckpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics={}))
-        session.commit()
-    engine.dispose()
+    saved = [
+        JobCheckpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics={})
+        for step in checkpoints
+    ]
+    add_rows(settings, job, *saved)
     return Stored(job.id, job.model, job.fine_tuned_model)
 
 

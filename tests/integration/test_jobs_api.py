@@ -12,9 +12,8 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.jobs import lifecycle
-from afina.models import Job, JobCheckpoint, JobEvent, JobStatus
-from afina.models.session import make_engine, make_session_factory
-from tests.support import LOCAL, assert_error, job_row, jsonl, rows, upload
+from afina.models import RESULTS_PURPOSE, File, Job, JobCheckpoint, JobEvent, JobStatus
+from tests.support import LOCAL, add_rows, assert_error, job_row, jsonl, rows, upload
 
 CHAT = jsonl(
     *(
@@ -564,10 +563,7 @@ def add_succeeded_job(settings, project: str, model: str, **config) -> Job:
         config=resolved.model_dump(mode="json"),
     )
     job.fine_tuned_model = job.fine_tuned_model_name()
-    engine = make_engine(settings.database_url)
-    with make_session_factory(engine).begin() as session:
-        session.add(job)
-    engine.dispose()
+    add_rows(settings, job)
     return job
 
 
@@ -617,10 +613,7 @@ def test_a_job_may_train_one_of_the_caller_s_checkpoints_further(client, setting
 
 
 def add_checkpoint(settings, job_id: str, step: int) -> None:
-    engine = make_engine(settings.database_url)
-    with make_session_factory(engine).begin() as session:
-        session.add(JobCheckpoint(id=f"ftckpt-{job_id}-{step}", job_id=job_id, step=step))
-    engine.dispose()
+    add_rows(settings, JobCheckpoint(id=f"ftckpt-{job_id}-{step}", job_id=job_id, step=step))
 
 
 def test_another_project_s_or_an_unknown_fine_tuned_model_is_a_404(client, settings, body):
@@ -633,3 +626,22 @@ def test_another_project_s_or_an_unknown_fine_tuned_model_is_a_404(client, setti
         )
         assert "No fine-tuned model" in error["message"]
     assert [row.id for row in rows(settings, Job)] == [other.id]
+
+
+def test_a_job_cannot_train_on_a_result_file_which_lists_under_its_purpose(client, settings, body):
+    result = File(
+        id="file-results1",
+        project="default",
+        filename="ftjob-x-metrics.csv",
+        purpose=RESULTS_PURPOSE,
+        bytes=5,
+        format="csv",
+        num_examples=1,
+        estimated_tokens=0,
+    )
+    add_rows(settings, result)
+    listed = client.get("/v1/files", params={"purpose": RESULTS_PURPOSE}).json()["data"]
+    assert [(file["id"], file["validation"]) for file in listed] == [(result.id, None)]
+    for param in ("training_file", "validation_file"):
+        assert_error(create(client, {**body, param: result.id}), 400, param, "invalid_file_purpose")
+    assert rows(settings, Job) == []

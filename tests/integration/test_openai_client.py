@@ -80,7 +80,7 @@ PAIRS = "".join(
 ).encode()
 
 
-def test_a_dpo_job_is_created_as_the_readme_shows(client):
+def test_a_dpo_job_is_created_with_the_official_client(client):
     pairs = client.files.create(file=("pairs.jsonl", PAIRS), purpose="fine-tune")
     assert pairs.model_extra["validation"]["format"] == "preference"
     job = client.fine_tuning.jobs.create(

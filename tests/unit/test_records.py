@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from afina.core.chat_format import CHATML_TEMPLATE, ensure_chat_template
+from afina.core.chat_format import CHATML_TEMPLATE, Stops, ensure_chat_template, generation_stops
 from afina.core.datasets import (
     ChatExample,
     InstructionExample,
@@ -383,3 +383,9 @@ def test_the_prompt_and_reference_of_each_format(tokenizer):
     ]
     for example, expected in cases:
         assert prompt_and_reference(example, tokenizer) == expected, example
+
+
+def test_a_chat_prompt_also_stops_at_the_end_of_turn_and_a_plain_one_at_eos_alone():
+    eos, turn = frozenset({2}), Stops(ids=frozenset({7}), strings=("</turn>",))
+    assert generation_stops(eos, turn, chat=True) == Stops(frozenset({2, 7}), ("</turn>",))
+    assert generation_stops(eos, turn, chat=False) == Stops(frozenset({2}))

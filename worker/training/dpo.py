@@ -40,8 +40,9 @@ def dpo_trainer(
         **arguments,
         beta=config.hyperparameters.beta,
         max_length=None,  # records are cut to max_seq_length already
-        padding_free=False,
-        use_liger_kernel=False,
+        # Off for every dpo job (`core.job_config.DPO_REFUSED`): read, not assumed, here.
+        padding_free=bool(config.training.padding_free),
+        use_liger_kernel=bool(config.training.liger_kernels),
     )
     trainer = TokenizedDPOTrainer(
         model=model,
