@@ -10,7 +10,7 @@ lost" for a job it takes back. `ended` is what a job's end must clean up.
 
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
@@ -19,6 +19,9 @@ from afina.core.storage import ArtifactStorage, resume_key, tokenized_key
 from afina.jobs.run import Run
 from afina.models import UNFINISHED, Job, JobStatus, new_event
 from afina.models.base import utcnow
+
+# What a run learns from recording its progress (`progress`).
+RunState = Literal["go", "pause", "stop"]
 
 
 def _change(
@@ -94,10 +97,10 @@ def progress(
     total_steps: int,
     epoch: float,
     estimated_finish: datetime | None,
-) -> bool:
-    """Record the run's progress; False once it no longer holds the job (cancelled, taken
-    back): one UPDATE per step both writes and finds out."""
-    running = session.execute(
+) -> RunState:
+    """Record the run's progress, and find out in the same UPDATE whether it goes on, pauses
+    (the caller asked) or stops (it no longer holds the job: cancelled, taken back)."""
+    pausing = session.execute(
         update(Job)
         .where(run.holds())
         .values(
@@ -106,8 +109,11 @@ def progress(
             epoch=epoch,
             estimated_finish=estimated_finish,
         )
-    ).rowcount
-    return bool(running)
+        .returning(Job.pause_requested_at)
+    ).first()
+    if pausing is None:
+        return "stop"
+    return "go" if pausing.pause_requested_at is None else "pause"
 
 
 def requeue(
@@ -120,20 +126,63 @@ def requeue(
     level: str = "info",
     lost_workers: int | None = None,
     data: dict[str, Any] | None = None,
-) -> bool:
-    """Queue a running job again, to resume from `resume_step`, without a message: whoever
-    requeues it sends one (or hands its own back), and should that fail the reconciler does."""
+) -> JobStatus | None:
+    """Set aside a running job, to resume from `resume_step`: `paused` if the caller asked for
+    a pause, else `queued` again, without a message (whoever requeues it sends one, or hands
+    its own back, and should that fail the reconciler does). The new status, or None when
+    `where` no longer holds."""
     values: dict[str, Any] = {
-        "status": JobStatus.QUEUED,
         "run_id": None,
-        "enqueued_at": None,
         "steps_done": resume_step,
         "epoch": None,
         "estimated_finish": None,
     }
     if lost_workers is not None:
         values["lost_workers"] = lost_workers
-    return _change(session, job_id, where, values, message, level=level, data=data)
+    pause = {"status": JobStatus.PAUSED, "pause_requested_at": None}
+    paused = _change(
+        session,
+        job_id,
+        where & Job.pause_requested_at.is_not(None),
+        values | pause,
+        f"Job paused: it resumes from step {resume_step}",
+        data={"step": resume_step},
+    )
+    if paused:
+        return JobStatus.PAUSED
+    queued = {"status": JobStatus.QUEUED, "enqueued_at": None}
+    if _change(session, job_id, where, values | queued, message, level=level, data=data):
+        return JobStatus.QUEUED
+    return None
+
+
+def pause(session: Session, job_id: str) -> str | None:
+    """Pause the job: a queued one at once (its message, when a worker takes it, starts
+    nothing), a running one at its next step, once its run has saved a checkpoint (`requeue`).
+    What was done ("paused", "pausing"), or None for a job in no state to pause."""
+    queued = (Job.id == job_id) & (Job.status == JobStatus.QUEUED)
+    values = {"status": JobStatus.PAUSED, "enqueued_at": None, "estimated_finish": None}
+    if _change(session, job_id, queued, values, "Job paused while queued"):
+        return "paused"
+    running = (Job.id == job_id) & (Job.status == JobStatus.RUNNING)
+    if _change(
+        session,
+        job_id,
+        running & Job.pause_requested_at.is_(None),
+        {"pause_requested_at": utcnow()},
+        "Pause requested: the job saves a checkpoint at its next step, then pauses",
+    ):
+        return "pausing"
+    pending = session.scalar(select(Job.id).where(running))  # asked before: nothing to add
+    return "pausing" if pending else None
+
+
+def resume(session: Session, job_id: str) -> bool:
+    """Queue a paused job again, without a message (the caller sends it): its next run goes
+    on from the checkpoint its last run kept."""
+    where = (Job.id == job_id) & (Job.status == JobStatus.PAUSED)
+    values = {"status": JobStatus.QUEUED, "enqueued_at": None}
+    return _change(session, job_id, where, values, "Job resumed: queued again")
 
 
 def fail(
@@ -187,7 +236,12 @@ def cancel(session: Session, job_id: str) -> bool:
     """Cancel the job unless it has ended; one conditional UPDATE decides against a worker
     finishing it at the same time."""
     where = (Job.id == job_id) & Job.status.in_(UNFINISHED)
-    values = {"status": JobStatus.CANCELLED, "finished_at": utcnow(), "estimated_finish": None}
+    values = {
+        "status": JobStatus.CANCELLED,
+        "finished_at": utcnow(),
+        "estimated_finish": None,
+        "pause_requested_at": None,
+    }
     return _change(session, job_id, where, values, "Job cancelled")
 
 

@@ -243,7 +243,7 @@ class Reconciler:
         if changed and lost_workers >= self.max_attempts:
             lifecycle.ended(self.storage, job.id)
             return False
-        return changed
+        return changed == JobStatus.QUEUED  # a job paused meanwhile waits for its resume
 
     def _queue_is_empty(self) -> bool:
         """Whether the training queue holds no message waiting for a worker (False when the

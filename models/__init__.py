@@ -2,6 +2,7 @@
 
 from afina.models.api_keys import ApiKey
 from afina.models.base import Base
+from afina.models.exports import ExportStatus, JobExport
 from afina.models.files import DATASET_PURPOSE, RESULTS_PURPOSE, File
 from afina.models.jobs import (
     UNFINISHED,
@@ -20,10 +21,12 @@ __all__ = [
     "UNFINISHED",
     "ApiKey",
     "Base",
+    "ExportStatus",
     "File",
     "Job",
     "JobCheckpoint",
     "JobEvent",
+    "JobExport",
     "JobMetric",
     "JobStatus",
     "Worker",

@@ -32,13 +32,15 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # OpenAI's too: set aside by the caller, holding no worker, until resumed.
+    PAUSED = "paused"
 
     @property
     def is_final(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-UNFINISHED = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+UNFINISHED = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 
 
 def _job_id_fk(**kwargs: Any) -> Mapped[str]:
@@ -92,6 +94,12 @@ class Job(CreatedAt, Base):
     # The worker process that runs (or last ran) it, so that a worker seen to die can be
     # named: the id `afina serve` gave its child, or `{host}:{pid}`.
     worker: Mapped[str | None] = mapped_column(String(255))
+    # When the caller asked a running job to pause: its run saves a checkpoint at the next
+    # step and sets the job `paused`.
+    pause_requested_at: Mapped[datetime | None]
+    # When the caller deleted the fine-tuned model (`DELETE /v1/models/...`): its adapter,
+    # checkpoints and exports are gone; the job stays, as a record.
+    model_deleted_at: Mapped[datetime | None]
     # When the job's message last went to the queue; None while a queued job still needs one.
     enqueued_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

@@ -43,7 +43,7 @@ from afina.core.storage import (
 from afina.jobs import lifecycle, result_files, workers
 from afina.jobs.retry import retried
 from afina.jobs.run import Run
-from afina.models import File, Job
+from afina.models import File, Job, JobStatus
 from afina.worker.heartbeat import Heartbeat
 from afina.worker.process import shutdown_requested, this_worker
 from afina.worker.run_recorder import JobRecorder
@@ -165,11 +165,15 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
     return train(run, recorder)
 
 
-def stopped(context: WorkerContext, run: Run, steps: int) -> bool:
+def stopped(context: WorkerContext, recorder: JobRecorder, steps: int) -> bool:
     """Record why a run stopped before its end; True when the job went back to the queue
-    (the worker is shutting down), so that the task hands its message back."""
-    if shutdown_requested.is_set() and _requeue(context, run, steps):
-        return True
+    (the worker is shutting down), so that the task hands its message back. A job paused
+    (the caller asked) holds no message: resuming it sends one."""
+    run = recorder.run
+    if recorder.pausing or shutdown_requested.is_set():
+        status = _set_aside(context, run, steps)
+        if status is not None:
+            return status == JobStatus.QUEUED
     # The run no longer holds the job: this event is written all the same, to say why.
     with context.session_factory.begin() as session:
         lifecycle.stopped(session, run.job_id, steps)
@@ -177,7 +181,7 @@ def stopped(context: WorkerContext, run: Run, steps: int) -> bool:
 
 
 @retried
-def _requeue(context: WorkerContext, run: Run, steps: int) -> bool:
+def _set_aside(context: WorkerContext, run: Run, steps: int) -> JobStatus | None:
     resume_step = latest_resume_step(context.storage, run.job_id) or 0
     resumes = f" and resumes from step {resume_step}" if resume_step else ""
     with context.session_factory.begin() as session:
@@ -198,9 +202,9 @@ def finish(
     """Record how the run ended; True when the job went back to the queue."""
     run = recorder.run
     if outcome.adapter_dir is None:
-        return stopped(context, run, outcome.steps)
+        return stopped(context, recorder, outcome.steps)
     if not recorder.held():  # cancelled, or taken back: the adapter is not this run's to save
-        return stopped(context, run, outcome.steps)
+        return stopped(context, recorder, outcome.steps)
     staged = staged_adapter_key(run.job_id, run.run_id)
     try:
         context.storage.put_directory(outcome.adapter_dir, staged)
@@ -338,7 +342,7 @@ def _run(context: WorkerContext, job: Job, recorder: JobRecorder) -> bool:
             raise _disk_stayed_full(context)
         waited = _wait_for_space(context, recorder)
         if waited == "stopped":
-            return stopped(context, recorder.run, recorder.steps_done)
+            return stopped(context, recorder, recorder.steps_done)
         if waited == "timeout":
             raise _disk_stayed_full(context)
 

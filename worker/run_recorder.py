@@ -43,6 +43,7 @@ class JobRecorder:
         self.run = run
         self.disk_full_wait = disk_full_wait  # how long `retried` writes wait for space
         self.steps_done = 0  # the last step the run reported
+        self.pausing = False  # the caller asked the job to pause: the run saves and stops
 
     @property
     def job_id(self) -> str:
@@ -87,18 +88,21 @@ class JobRecorder:
     def progress(
         self, steps_done: int, total_steps: int, epoch: float, estimated_finish: datetime | None
     ) -> bool:
-        """Record progress; False once the run must stop."""
+        """Record progress; False once the run must stop. A pause asked for at the last step
+        is too late: the run ends, and the job succeeds."""
         self.steps_done = steps_done
         with self.session_factory.begin() as session:
-            held = lifecycle.progress(
+            state = lifecycle.progress(
                 session, self.run, steps_done, total_steps, epoch, estimated_finish
             )
-        return held and not shutdown_requested.is_set()
+        self.pausing = state == "pause" and steps_done < total_steps
+        goes_on = state == "go" or (state == "pause" and not self.pausing)
+        return goes_on and not shutdown_requested.is_set()
 
     def save_before_stopping(self) -> bool:
-        """A run stopped because its worker shuts down saves its state first: the job goes
-        back to the queue and resumes from there. A cancelled run keeps nothing."""
-        return shutdown_requested.is_set()
+        """A run stopped because its job pauses, or its worker shuts down, saves its state
+        first: the job resumes from there. A cancelled run keeps nothing."""
+        return self.pausing or shutdown_requested.is_set()
 
     def tokenized(self, name: str, directory: Path) -> None:
         """Keep a tokenized dataset, for a later run of the job to use instead of tokenizing

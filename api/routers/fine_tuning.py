@@ -419,6 +419,48 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep, reserve: ReserveDe
     return JobObject.of(job)
 
 
+@router.post("/{job_id}/pause", response_model=JobObject, responses=error_responses(404, 409))
+def pause_job(job: OwnedJob, db: DbDep) -> JobObject:
+    """A queued job pauses at once; a running one saves a checkpoint at its next step, frees
+    its worker and pauses (`pause_requested` meanwhile)."""
+    paused = lifecycle.pause(db, job.id)
+    db.commit()
+    db.refresh(job)
+    if paused is None:
+        why = "is already paused" if job.status == JobStatus.PAUSED else f"has {job.status}"
+        raise APIError(
+            409,
+            f"Job {job.id} {why}: only a queued or running job can be paused",
+            param="id",
+            code="job_not_pausable",
+        )
+    return JobObject.of(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobObject, responses=error_responses(404, 409))
+def resume_job(job: OwnedJob, db: DbDep, queue: QueueDep) -> JobObject:
+    """Queue a paused job again: it goes on from the checkpoint its last run saved."""
+    resumed = lifecycle.resume(db, job.id)
+    db.commit()
+    db.refresh(job)
+    if not resumed:
+        pausing = (
+            " (its pause is pending: it pauses at its next step)" if job.pause_requested_at else ""
+        )
+        raise APIError(
+            409,
+            f"Job {job.id} is {job.status}{pausing}: only a paused job can be resumed",
+            param="id",
+            code="job_not_paused",
+        )
+    try:
+        enqueue(queue, db, job.id)
+    except Exception as error:  # it is queued without a message: the reconciler sends one
+        logger.warning("could not queue resumed job %s (%r)", job.id, error)
+        db.rollback()
+    return JobObject.of(job)
+
+
 def _job_page(
     db: Connection, project: str, job_id: str, entity: Any, page: PageParams, to_object: Any
 ) -> ListPage[Any]:

@@ -134,6 +134,13 @@ class JobObject(BaseModel):
         "step metrics as CSV and, after an evaluation, the generations as JSON lines."
     )
     integrations: list[Any] | None = None
+    pause_requested: bool = Field(
+        description="A pause was asked for: the running job pauses at its next step."
+    )
+    model_deleted_at: int | None = Field(
+        description="When the fine-tuned model was deleted (DELETE /v1/models/{model}): its "
+        "adapter, checkpoints and exports are gone."
+    )
     progress: Progress
     config: JobConfig
 
@@ -161,6 +168,8 @@ class JobObject(BaseModel):
             trained_tokens=row.trained_tokens,
             result_files=row.result_files or [],
             error=JobError.model_validate(row.error) if row.error else None,
+            pause_requested=row.status == JobStatus.RUNNING and row.pause_requested_at is not None,
+            model_deleted_at=_seconds(row.model_deleted_at),
             progress=Progress(
                 steps_done=row.steps_done,
                 total_steps=row.total_steps,

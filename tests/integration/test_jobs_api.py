@@ -3,16 +3,20 @@ refuses, what it stores, listing, cancelling, and the empty series of a queued j
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
 from afina.api.app import create_app
 from afina.core.job_config import ConfigRequest, resolve_config
 from afina.jobs import lifecycle
 from afina.models import RESULTS_PURPOSE, File, Job, JobCheckpoint, JobEvent, JobStatus
+from afina.models.session import make_engine, make_session_factory
 from tests.support import LOCAL, add_rows, assert_error, job_row, jsonl, rows, upload
 
 CHAT = jsonl(
@@ -42,6 +46,17 @@ def training_file(client: TestClient) -> str:
 @pytest.fixture
 def body(model_dir: Path, training_file: str) -> dict:
     return {"model": str(model_dir), "training_file": training_file}
+
+
+@contextmanager
+def lifecycle_session(settings) -> Iterator[Session]:
+    """A transaction on the app's database, for what a worker would do."""
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def create(client: TestClient, body: dict):
@@ -271,6 +286,76 @@ def test_cancel_a_queued_job(client, body, settings):
     assert events["data"][0]["object"] == "fine_tuning.job.event"
 
 
+@pytest.mark.both_backends
+def test_pause_a_queued_job_then_resume_it(client, body, settings):
+    job = create(client, body).json()
+    paused = client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
+    assert paused.status_code == 200, paused.text
+    assert (paused.json()["status"], paused.json()["estimated_finish"]) == ("paused", None)
+    (row,) = rows(settings, Job)
+    assert (row.status, row.enqueued_at) == (JobStatus.PAUSED, None)
+    # Its message still waits on the broker: a worker that takes it starts nothing.
+    with lifecycle_session(settings) as session:
+        assert lifecycle.claim(session, job["id"], "w") is None
+    assert_error(
+        client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause"), 409, "id", "job_not_pausable"
+    )
+
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["status"] == "queued"
+    (row,) = rows(settings, Job)
+    assert row.status == JobStatus.QUEUED
+    assert row.enqueued_at is not None  # a new message went to the queue
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    error = assert_error(again, 409, "id", "job_not_paused")
+    assert "is queued: only a paused job can be resumed" in error["message"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert [event["message"] for event in events[:2]] == [
+        "Job resumed: queued again",
+        "Job paused while queued",
+    ]
+
+
+def test_a_paused_job_can_be_cancelled_and_a_finished_one_neither_paused_nor_resumed(
+    client, body, settings
+):
+    job_id = create(client, body).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    error = assert_error(
+        client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 409, "id", "job_not_pausable"
+    )
+    assert error["message"] == (
+        f"Job {job_id} has cancelled: only a queued or running job can be paused"
+    )
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 409, "id", "job_not_paused")
+
+
+def test_pausing_a_running_job_asks_its_run_to_pause_at_its_next_step(client, body, settings):
+    job_id = create(client, body).json()["id"]
+    with lifecycle_session(settings) as session:
+        run = lifecycle.claim(session, job_id, "w")
+    assert run is not None
+    for _ in range(2):  # asking twice is asking once
+        pausing = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()
+        assert (pausing["status"], pausing["pause_requested"]) == ("running", True)
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 409, "id", "job_not_paused")
+    with lifecycle_session(settings) as session:
+        assert lifecycle.progress(session, run, 3, 10, 0.5, None) == "pause"
+        assert lifecycle.requeue(session, job_id, run.holds(), "-", resume_step=2) == "paused"
+    paused = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert (paused["status"], paused["pause_requested"]) == ("paused", False)
+    assert (paused["progress"]["steps_done"], paused["estimated_finish"]) == (2, None)
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    messages = [event["message"] for event in events]
+    assert messages[:2] == [
+        "Job paused: it resumes from step 2",
+        "Pause requested: the job saves a checkpoint at its next step, then pauses",
+    ]
+    assert messages.count(messages[1]) == 1
+
+
 def test_a_queued_job_has_events_but_no_checkpoints_or_metrics(client, body):
     job_id = create(client, body).json()["id"]
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
@@ -284,7 +369,7 @@ def test_a_queued_job_has_events_but_no_checkpoints_or_metrics(client, body):
 @pytest.mark.both_backends
 @pytest.mark.parametrize(
     "path",
-    ["", "/cancel", "/events", "/checkpoints", "/metrics"],
+    ["", "/cancel", "/pause", "/resume", "/events", "/checkpoints", "/metrics"],
 )
 def test_another_projects_job_is_not_found(make_settings, model_dir, path):
     app = create_app(make_settings(api_keys=["a:key-a", "b:key-b"]))
@@ -297,9 +382,11 @@ def test_another_projects_job_is_not_found(make_settings, model_dir, path):
             headers=a,
         ).json()["id"]
         b = {"Authorization": "Bearer key-b"}
-        method = client.post if path == "/cancel" else client.get
+        method = client.post if path in ("/cancel", "/pause", "/resume") else client.get
         assert_error(method(f"/v1/fine_tuning/jobs/{job_id}{path}", headers=b), 404, "id")
         assert client.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+        if path == "/resume":
+            client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=a)
         assert method(f"/v1/fine_tuning/jobs/{job_id}{path}", headers=a).status_code == 200
 
 

@@ -163,6 +163,10 @@ def running_job(
     )
 
 
+def recorder_of(stack: Stack, job: Job) -> JobRecorder:
+    return JobRecorder(stack.session_factory, stack.storage, run_of(job))
+
+
 def run_of(job: Job) -> Run:
     """The run that holds `job`, as the job's row names it."""
     assert job.run_id is not None
@@ -339,6 +343,31 @@ def test_a_job_whose_worker_is_lost_max_attempts_times_fails(stack: Stack, tmp_p
     assert (event.level, event.message) == ("error", f"Job failed: {message}")
     assert take_messages(stack) == []
     assert not stack.storage.exists(resume_key(job.id))  # half-written state included
+
+
+def test_a_job_lost_while_it_was_to_pause_is_paused_and_a_paused_job_is_never_lost(
+    stack: Stack, tmp_path: Path
+):
+    pausing = running_job(stack)
+    keep_resume_state(stack, tmp_path, pausing.id, 10)
+    with stack.session_factory.begin() as session:
+        asked = update(Job).where(Job.id == pausing.id).values(pause_requested_at=utcnow())
+        session.execute(asked)
+    long_ago = utcnow() - timedelta(hours=1)
+    paused = add_job(stack, JobStatus.PAUSED, heartbeat_at=long_ago, updated_at=long_ago)
+
+    stack.reconciler().reconcile()
+
+    row = stored(stack, pausing.id)
+    assert (row.status, row.run_id, row.steps_done) == (JobStatus.PAUSED, None, 10)
+    assert (row.pause_requested_at, row.estimated_finish) == (None, None)
+    assert row.lost_workers == 1
+    assert [event.message for event in events(stack, pausing.id)] == [
+        "Job paused: it resumes from step 10"
+    ]
+    assert take_messages(stack) == []  # resuming it sends one
+    assert snapshot(stored(stack, paused.id))["status"] == JobStatus.PAUSED
+    assert events(stack, paused.id) == []
 
 
 def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(stack: Stack):
@@ -548,7 +577,7 @@ def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_han
     keep_resume_state(stack, tmp_path, job.id, 10)
     shutdown_requested.set()
     try:
-        assert stopped(stack.context(), run_of(job), STEPS_DONE) is True
+        assert stopped(stack.context(), recorder_of(stack, job), STEPS_DONE) is True
     finally:
         shutdown_requested.clear()
     row = stored(stack, job.id)
@@ -574,7 +603,9 @@ def test_a_stopping_worker_leaves_a_job_taken_back_from_it_where_it_is(
     taken_back = snapshot(stored(stack, job.id))
     shutdown_requested.set()
     try:
-        assert stopped(stack.context(), run_of(job), STEPS_DONE) is False  # its message is acked
+        assert (
+            stopped(stack.context(), recorder_of(stack, job), STEPS_DONE) is False
+        )  # its message is acked
     finally:
         shutdown_requested.clear()
     assert snapshot(stored(stack, job.id)) == taken_back
