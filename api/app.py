@@ -13,7 +13,15 @@ from afina.api.database import DatabaseThreads
 from afina.api.errors import install_error_handlers
 from afina.api.keys import KeyStore
 from afina.api.limits import ConcurrencyLimit, RequestLimits
-from afina.api.routers import files, fine_tuning, health, inference, models, workers
+from afina.api.routers import (
+    files,
+    fine_tuning,
+    health,
+    inference,
+    job_artifacts,
+    models,
+    workers,
+)
 from afina.core.settings import Settings, get_settings
 from afina.services.root import Services
 
@@ -86,6 +94,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(job_artifacts.router)
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(workers.router)

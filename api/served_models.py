@@ -66,7 +66,7 @@ def _allowed(model: str, settings: Settings) -> bool:
 def _job_model(
     settings: Settings, storage: ArtifactStorage, job: Job | None, name: str, param: str
 ) -> ModelSpec:
-    if job is None:
+    if job is None or job.model_deleted_at is not None:
         raise _not_found(name, param)
     if not _allowed(job.model, settings):
         raise APIError(
@@ -106,9 +106,12 @@ def resolve_job(
 
 def find_trained(db: Session, project: str, name: str) -> tuple[Job | None, int | None]:
     """The caller's job behind a fine-tuned model name (`ft:...`) or a saved checkpoint
-    (`{job id}:ckpt-step-{n}`), and the checkpoint's step; (None, None) when there is none."""
+    (`{job id}:ckpt-step-{n}`), and the checkpoint's step; (None, None) when there is none
+    (or the model was deleted)."""
     if checkpoint := CHECKPOINT_NAME.fullmatch(name):
         job = owned_row(db, Job, checkpoint["job"], "ftjob", project)
+        if job is not None and job.model_deleted_at is not None:
+            return None, None
         step = int(checkpoint["step"])
         saved = job is not None and db.scalar(
             select(JobCheckpoint.id).where(
@@ -116,7 +119,13 @@ def find_trained(db: Session, project: str, name: str) -> tuple[Job | None, int 
             )
         )
         return (job, step) if saved else (None, None)
-    found = db.scalars(select(Job).where(Job.project == project, Job.fine_tuned_model == name))
+    found = db.scalars(
+        select(Job).where(
+            Job.project == project,
+            Job.fine_tuned_model == name,
+            Job.model_deleted_at.is_(None),
+        )
+    )
     return found.first(), None
 
 
@@ -163,10 +172,15 @@ def base_models(db: Session, settings: Settings, project: str) -> list[ModelObje
 
 
 def fine_tuned_models(db: Session, settings: Settings, project: str) -> list[ModelObject]:
-    """The caller's succeeded jobs' models whose base the allow-list still permits."""
+    """The caller's succeeded jobs' models (not deleted) whose base the allow-list still
+    permits."""
     jobs = db.scalars(
         select(Job)
-        .where(Job.project == project, Job.status == JobStatus.SUCCEEDED)
+        .where(
+            Job.project == project,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.model_deleted_at.is_(None),
+        )
         .order_by(Job.finished_at, Job.id)
     )
     return [

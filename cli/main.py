@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from afina.api import keys
 from afina.api.asgi import is_loopback
 from afina.api.server import Server, server_config
+from afina.cli.client import jobs_app
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
@@ -243,6 +244,7 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 
 
 def _keys_database() -> sessionmaker[Session]:
@@ -331,8 +333,9 @@ def revoke_key(
 
 @app.command()
 def worker() -> None:
-    """Run one training worker (queue `train`) on this machine, e.g. on a GPU node; pin it to
-    a GPU with CUDA_VISIBLE_DEVICES."""
+    """Run one worker on this machine, e.g. on a GPU node (pin it to a GPU with
+    CUDA_VISIBLE_DEVICES): training jobs and merged exports, or the queues of
+    AFINA_WORKER_QUEUES."""
     from afina.worker.celery_app import run_worker
 
     run_worker()

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         description="A running job whose worker has not stamped its heartbeat for this long "
         "has lost its worker: it is queued again (or failed after max_attempts). Workers stamp "
         "every sixth of it; the clocks of the API and worker machines must agree well within it.",
+    )
+    worker_queues: Annotated[list[Literal["train", "export"]], NoDecode] = Field(
+        default=["train", "export"],
+        min_length=1,
+        description="The queues a worker takes tasks from: training jobs, merged exports. A "
+        "worker runs one task at a time; give exports a worker of their own to keep the "
+        "training workers training.",
     )
 
     api_threads: int = Field(
@@ -171,7 +178,7 @@ class Settings(BaseSettings):
         "before it fails with `disk_full`.",
     )
 
-    @field_validator("allowed_models", "api_keys", mode="before")
+    @field_validator("allowed_models", "api_keys", "worker_queues", mode="before")
     @classmethod
     def split_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -27,6 +27,11 @@ def file_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
+def job_key(job_id: str) -> str:
+    """The folder of everything a job keeps."""
+    return f"jobs/{job_id}"
+
+
 def adapter_key(job_id: str) -> str:
     return f"jobs/{job_id}/adapter"
 
@@ -38,8 +43,17 @@ def staged_adapter_key(job_id: str, run_id: str) -> str:
     return f"jobs/{job_id}/adapter-{run_id}"
 
 
-def checkpoint_key(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/checkpoints/step-{step}"
+def checkpoint_key(job_id: str, step: int | None = None) -> str:
+    """A checkpoint's adapter and tokenizer; without a step, the folder of all of them."""
+    base = f"jobs/{job_id}/checkpoints"
+    return base if step is None else f"{base}/step-{step}"
+
+
+def export_key(job_id: str, export_id: str | None = None) -> str:
+    """A merged export's archive (`{export id}.tar.gz`); without an id, the folder of all of
+    a job's exports."""
+    base = f"jobs/{job_id}/exports"
+    return base if export_id is None else f"{base}/{export_id}.tar.gz"
 
 
 def resume_key(job_id: str, step: int | None = None) -> str:
@@ -155,6 +169,9 @@ class ArtifactStorage:
             return []
         names = (posixpath.basename(path.rstrip("/")) for path in paths)
         return sorted(name for name in names if TEMPORARY_MARK not in name)
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self.path(key)))
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))

@@ -15,9 +15,17 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from afina.core.storage import ArtifactStorage, resume_key, tokenized_key
+from afina.core.storage import (
+    ArtifactStorage,
+    adapter_key,
+    checkpoint_key,
+    export_key,
+    resume_key,
+    tokenized_key,
+)
+from afina.jobs import exports
 from afina.jobs.run import Run
-from afina.models import UNFINISHED, Job, JobStatus, new_event
+from afina.models import UNFINISHED, ExportStatus, Job, JobExport, JobStatus, new_event
 from afina.models.base import utcnow
 
 # What a run learns from recording its progress (`progress`).
@@ -263,3 +271,24 @@ def ended(storage: ArtifactStorage, job_id: str) -> None:
     it, trainer state and tokenized datasets."""
     storage.delete(resume_key(job_id))
     storage.delete(tokenized_key(job_id))
+
+
+def delete_model(session: Session, job_id: str, name: str) -> bool:
+    """Mark the job's fine-tuned model deleted (the job stays, as a record), and fail its
+    exports still to come; False when it was deleted already. The caller then removes its
+    files (`model_deleted`)."""
+    where = (Job.id == job_id) & Job.model_deleted_at.is_(None)
+    deleted = _change(
+        session, job_id, where, {"model_deleted_at": utcnow()}, f"Model {name} deleted"
+    )
+    if deleted:
+        pending = JobExport.status.in_((ExportStatus.QUEUED, ExportStatus.RUNNING))
+        error = {"code": "model_deleted", "message": f"the model {name} was deleted", "param": None}
+        exports.fail(session, (JobExport.job_id == job_id) & pending, error)
+    return deleted
+
+
+def model_deleted(storage: ArtifactStorage, job_id: str) -> None:
+    """Remove what a deleted model leaves in storage: its adapter, checkpoints and exports."""
+    for key in (adapter_key(job_id), checkpoint_key(job_id), export_key(job_id)):
+        storage.delete(key)

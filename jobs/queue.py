@@ -12,11 +12,15 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from afina.jobs import exports
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "afina.train_job"
+# Merged exports: a queue of their own, so that a worker can be kept for training.
+EXPORT_QUEUE = "export"
+EXPORT_TASK = "afina.export_model"
 
 
 def enqueue(queue: Celery, session: Session, job_id: str) -> None:
@@ -24,6 +28,12 @@ def enqueue(queue: Celery, session: Session, job_id: str) -> None:
     session.execute(
         update(Job).where(Job.id == job_id, Job.enqueued_at.is_(None)).values(enqueued_at=utcnow())
     )
+    session.commit()
+
+
+def enqueue_export(queue: Celery, session: Session, export_id: str) -> None:
+    queue.send_task(EXPORT_TASK, args=[export_id])
+    exports.sent(session, export_id)
     session.commit()
 
 

@@ -13,6 +13,8 @@ change it makes is a conditional UPDATE) and every few seconds:
 - sends another message for a `queued` job whose message was lost: sent long ago, and the
   broker's training queue is empty (a worker took it, then died before it could claim the
   job or hand the message back; the embedded broker never delivers a message twice);
+- fails a merged export whose worker stopped stamping its heartbeat (an export keeps nothing
+  to resume: the caller asks for another), and sends the message of one stored without it;
 - keeps the space reserve of a SQLite database (`core.disk`) in place once its disk has room.
 
 A heartbeat is only as old as the database lets it be: while the database takes no writes
@@ -38,8 +40,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, latest_resume_step
-from afina.jobs import lifecycle
-from afina.jobs.queue import TRAIN_QUEUE, enqueue, enqueue_again
+from afina.jobs import exports, lifecycle
+from afina.jobs.queue import TRAIN_QUEUE, enqueue, enqueue_again, enqueue_export
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
@@ -189,6 +191,23 @@ class Reconciler:
             for job_id in long_sent:
                 if broker_up:
                     broker_up = self._send_again(job_id, sent_before)
+        if broker_up:
+            self._reconcile_exports(now)
+
+    def _reconcile_exports(self, now: datetime) -> None:
+        with self.session_factory.begin() as session:
+            if self._heartbeats_trusted():
+                for export_id in exports.fail_lost(session, now - self.timeout):
+                    logger.warning("export %s lost its worker: failed", export_id)
+            unsent = exports.unsent(session, now - timedelta(seconds=UNSENT_GRACE_SECONDS))
+        for export_id in unsent:
+            logger.warning("export %s was queued without a message: sending it", export_id)
+            try:
+                with self.session_factory() as session:
+                    enqueue_export(self.queue, session, export_id)
+            except Exception as error:
+                logger.warning("could not queue export %s (%r); trying later", export_id, error)
+                return
 
     def _take_back(
         self,

@@ -14,6 +14,7 @@ arrive while a batch runs form the next one. Different adapters of one base shar
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
@@ -25,6 +26,9 @@ from afina.serving.protocol import (
     SamplingParams,
     internal_error,
 )
+
+if TYPE_CHECKING:  # torch is imported on the engine's thread only
+    from afina.serving.model_cache import ModelCache
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._unavailable: InferenceError | None = None
+        self._forgotten: set[str] = set()  # storage folders whose adapters were deleted
 
     def submit(self, model: ModelSpec, prompt: Prompt, params: SamplingParams) -> GenerationStream:
         """Queue a request (on the caller's event loop); its events come on the stream."""
@@ -67,6 +72,18 @@ class InferenceEngine:
                 self._thread.start()
             self._condition.notify()
         return stream
+
+    def forget(self, folder: str) -> None:
+        """Unload the adapters stored under `folder` (their files were deleted), and drop
+        their local copies, before the next batch: the engine's thread owns the models."""
+        with self._condition:
+            self._forgotten.add(folder)
+
+    def _forget_in(self, models: "ModelCache") -> None:
+        with self._condition:
+            folders, self._forgotten = self._forgotten, set()
+        for folder in folders:
+            models.forget(folder)
 
     def close(self, timeout: float = 30) -> None:
         """Refuse new requests, let the running batch end, fail what still waits."""
@@ -108,6 +125,7 @@ class InferenceEngine:
         try:
             while (batch := self._next_batch()) is not None:
                 try:
+                    self._forget_in(models)
                     serve_batch(models, batch, self._settings.max_new_tokens)
                 except Exception:
                     logger.exception("a generation batch failed")

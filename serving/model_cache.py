@@ -10,6 +10,7 @@ Used from the engine thread only.
 import gc
 import itertools
 import logging
+import shutil
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -152,6 +153,13 @@ class ModelCache:
         self._adapters[entry] = (name, vocabulary)
         logger.info("loaded adapter %s on %s", spec.key, base.spec.model)
         return name, vocabulary
+
+    def forget(self, folder: str) -> None:
+        """Unload every adapter stored under `folder`, and drop their local copies."""
+        for base_key, adapter_key in list(self._adapters):
+            if adapter_key.startswith(f"{folder}/"):
+                self._unload_adapter(base_key, adapter_key)
+        shutil.rmtree(self._cache_dir / folder, ignore_errors=True)
 
     def close(self) -> None:
         for key in list(self._bases):

@@ -38,6 +38,7 @@ XDIST_GROUPS = {
     "tests/e2e/test_training.py": "stack",
     "tests/e2e/test_inference.py": "stack",
     "tests/e2e/test_preference_and_evaluation.py": "stack",
+    "tests/e2e/test_take_away.py": "stack",
 }
 
 

@@ -16,7 +16,7 @@ from celery import Celery
 from sqlalchemy.engine import make_url
 
 from afina.core.settings import Settings, get_settings
-from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
+from afina.jobs.queue import EXPORT_QUEUE, EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK
 from afina.worker.broker import embedded_broker_url
 
 
@@ -34,7 +34,7 @@ def create_celery(settings: Settings) -> Celery:
     app = Celery("afina", broker=broker, include=["afina.worker.tasks"])
     app.conf.update(
         task_default_queue=TRAIN_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -58,8 +58,9 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def run_worker() -> None:
-    """Run one training worker in this process until it is told to stop: one task at a
-    time, in the worker's own process."""
+    """Run one worker in this process until it is told to stop: one task at a time (a
+    training job or a merged export, from the queues of `AFINA_WORKER_QUEUES`), in the
+    worker's own process."""
     settings = get_settings()
     # A neutral working directory: a model name given as a hub id must never resolve to a
     # directory that happens to sit where the worker was started.
@@ -71,7 +72,7 @@ def run_worker() -> None:
             "worker",
             "--pool=solo",
             "--concurrency=1",
-            f"--queues={TRAIN_QUEUE}",
+            f"--queues={','.join(settings.worker_queues)}",
             f"--loglevel={settings.log_level.upper()}",
             "--without-gossip",
             "--without-mingle",

@@ -405,7 +405,7 @@ def run_job(context: WorkerContext, job_id: str) -> bool:
     recorder = JobRecorder(context.session_factory, context.storage, run, context.disk_full_wait)
     requeued = False
     try:
-        with Heartbeat(context.session_factory, run, context.settings.heartbeat_seconds):
+        with Heartbeat.of_run(context.session_factory, run, context.settings.heartbeat_seconds):
             try:
                 requeued = _run(context, job, recorder)
             except Exception as error:

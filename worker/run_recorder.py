@@ -23,7 +23,15 @@ from afina.models import Job, JobCheckpoint, JobMetric, new_event
 from afina.models.base import utcnow
 from afina.worker.process import shutdown_requested
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a trainer checkpoint holds beside the adapter and its tokenizer: the state to resume
+# from, kept apart (`resume_key`).
+TRAINER_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+)
 # How long a run waits for space on a full disk, unless told otherwise.
 DISK_FULL_WAIT_SECONDS = 600.0
 
@@ -111,7 +119,8 @@ class JobRecorder:
             self.storage.put_directory(directory, tokenized_key(self.job_id, name))
 
     def checkpoint(self, step: int, directory: str, metrics: dict[str, float | None]) -> None:
-        """Keep a trainer checkpoint: its adapter, for the user, and the whole trainer state
+        """Keep a trainer checkpoint: its adapter with its tokenizer, for the user (to serve,
+        download, export or train further), and the whole trainer state
         (optimizer, scheduler, RNG), to resume from; only the newest state is kept.
 
         Only while the run holds the job: a run whose job was taken back must not replace or
@@ -119,9 +128,13 @@ class JobRecorder:
         cancelled job keeps nothing."""
         if not self.held():
             return
-        self.storage.put_directory(
-            Path(directory), checkpoint_key(self.job_id, step), names=ADAPTER_FILES
-        )
+        saved = Path(directory)
+        adapter = [
+            path.name
+            for path in sorted(saved.iterdir())
+            if path.name not in TRAINER_STATE and not path.name.startswith("rng_state")
+        ]
+        self.storage.put_directory(saved, checkpoint_key(self.job_id, step), names=adapter)
         self.storage.put_directory(Path(directory), resume_key(self.job_id, step))
         if not self._record_checkpoint(step, metrics):
             return  # lost while uploading: the run's end removes it if the job is over

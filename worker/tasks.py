@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that hand a job id to the job runner.
+"""Celery tasks: thin wrappers that hand a job id to the job runner, or an export id to the
+exporter.
 
 A task hands its message back to the broker when its worker stops. A job that cannot be
 claimed because the database fails is tried again later with Celery's retry: a copy of the
@@ -18,8 +19,9 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import SQLAlchemyError
 
 from afina.core.settings import get_settings
-from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK, handed_back
+from afina.jobs.queue import EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK, handed_back
 from afina.services.root import Services
+from afina.worker.exports import run_export
 from afina.worker.job_runner import WorkerContext, run_job
 from afina.worker.presence import Presence
 from afina.worker.process import shutdown_requested, this_worker
@@ -47,14 +49,21 @@ def _presence() -> Presence:
     )
 
 
+def _trains() -> bool:
+    """Whether this worker takes training jobs: only those count for the estimates."""
+    return TRAIN_QUEUE in get_settings().worker_queues
+
+
 @worker_ready.connect
 def _announce(**_: Any) -> None:
-    _presence().start()
+    if _trains():
+        _presence().start()
 
 
 @worker_shutdown.connect
 def _withdraw(**_: Any) -> None:
-    _presence().stop()
+    if _trains():
+        _presence().stop()
 
 
 @worker_shutting_down.connect
@@ -89,6 +98,15 @@ def train_job(self: Task, job_id: str) -> None:
         raise self.retry(exc=error, countdown=delay) from error
     if requeued:
         raise Reject(reason="the worker is shutting down", requeue=True)
+
+
+@shared_task(name=EXPORT_TASK)
+def export_model(export_id: str) -> None:
+    # A worker stopping mid-export fails it (the reconciler, once its heartbeat is old): a
+    # merge keeps nothing to resume, and the caller asks for another.
+    if shutdown_requested.is_set():
+        raise Reject(reason="the worker is shutting down", requeue=True)
+    run_export(_context(), export_id)
 
 
 def _hand_back(job_id: str) -> None:

@@ -368,7 +368,7 @@ def _found(row: Any, job_id: str) -> Any:
     return row
 
 
-def _owned_job(db: Connection, project: str, job_id: str) -> Any:
+def owned_job(db: Connection, project: str, job_id: str) -> Any:
     """The caller's job as a record (`records`), for the read routes."""
     return _found(owned_record(db, Job, job_id, "ftjob", project), job_id)
 
@@ -391,7 +391,7 @@ async def list_jobs(request: Request, project: ProjectDep, page: PageDep) -> Lis
 
 @router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
 async def retrieve_job(request: Request, project: ProjectDep, job_id: str) -> JobObject:
-    return await reading(request, lambda db: JobObject.of(_owned_job(db, project, job_id)))
+    return await reading(request, lambda db: JobObject.of(owned_job(db, project, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409, 507))
@@ -461,10 +461,10 @@ def resume_job(job: OwnedJob, db: DbDep, queue: QueueDep) -> JobObject:
     return JobObject.of(job)
 
 
-def _job_page(
+def job_page(
     db: Connection, project: str, job_id: str, entity: Any, page: PageParams, to_object: Any
 ) -> ListPage[Any]:
-    job = _owned_job(db, project, job_id)
+    job = owned_job(db, project, job_id)
     return list_page(db, records(entity).where(entity.job_id == job.id), entity, page, to_object)
 
 
@@ -477,7 +477,7 @@ async def list_events(
     request: Request, project: ProjectDep, job_id: str, page: PageDep
 ) -> ListPage[EventObject]:
     return await reading(
-        request, lambda db: _job_page(db, project, job_id, JobEvent, page, EventObject.of)
+        request, lambda db: job_page(db, project, job_id, JobEvent, page, EventObject.of)
     )
 
 
@@ -491,7 +491,7 @@ async def list_checkpoints(
 ) -> ListPage[CheckpointObject]:
     return await reading(
         request,
-        lambda db: _job_page(db, project, job_id, JobCheckpoint, page, CheckpointObject.of),
+        lambda db: job_page(db, project, job_id, JobCheckpoint, page, CheckpointObject.of),
     )
 
 
@@ -500,7 +500,7 @@ async def job_metrics(request: Request, project: ProjectDep, job_id: str) -> Met
     """The whole training curve, one point per logging step, in step order."""
 
     def series(db: Connection) -> MetricSeries:
-        job = _owned_job(db, project, job_id)
+        job = owned_job(db, project, job_id)
         points = db.execute(METRIC_SERIES, {"job": job.id})
         return MetricSeries(job_id=job.id, data=[MetricPoint.of(row) for row in points])
 

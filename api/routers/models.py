@@ -1,13 +1,23 @@
-"""`GET /v1/models`: the base models and the caller's fine-tuned models it can call."""
+"""`/v1/models`: the base models and the caller's fine-tuned models it can call, and deleting
+a fine-tuned model."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
-from afina.api.errors import KEYED, error_responses
-from afina.api.schemas.inference import ModelList, ModelObject
-from afina.api.served_models import base_models, fine_tuned_models, resolve_model
+from afina.api.errors import KEYED, APIError, error_responses
+from afina.api.schemas.inference import ModelDeleted, ModelList, ModelObject
+from afina.api.served_models import (
+    CHECKPOINT_NAME,
+    base_models,
+    find_trained,
+    fine_tuned_models,
+    resolve_model,
+)
+from afina.core.fields import shown
 from afina.core.settings import Settings
+from afina.core.storage import job_key
+from afina.jobs import lifecycle
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*KEYED))
 
@@ -30,3 +40,33 @@ def retrieve_model(
     spec = resolve_model(db, settings, storage, project, model)
     found = next((entry for entry in _listed(db, settings, project) if entry.id == spec.name), None)
     return found or ModelObject(id=spec.name, created=0, owned_by=project, parent=spec.base.model)
+
+
+@router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(400, 404))
+def delete_model(
+    model: str, request: Request, db: DbDep, project: ProjectDep, storage: StorageDep
+) -> ModelDeleted:
+    """Delete a fine-tuned model: its adapter, its checkpoints and its exports leave storage
+    and the serving cache; its job stays, with `model_deleted_at` set."""
+    if CHECKPOINT_NAME.fullmatch(model):
+        raise APIError(
+            400,
+            "A checkpoint is deleted with its fine-tuned model: DELETE /v1/models/{the job's "
+            "fine_tuned_model}",
+            param="model",
+            code="model_not_deletable",
+        )
+    job, _ = find_trained(db, project, model)
+    if job is None:
+        raise APIError(
+            404,
+            f"No fine-tuned model {shown(model)} in this project (base models are not "
+            "deleted here)",
+            param="model",
+            code="model_not_found",
+        )
+    lifecycle.delete_model(db, job.id, model)
+    db.commit()
+    lifecycle.model_deleted(storage, job.id)
+    request.app.state.inference.forget(job_key(job.id))
+    return ModelDeleted(id=model)

@@ -208,6 +208,12 @@ class ModelObject(BaseModel):
     parent: str | None = Field(default=None, description="A fine-tuned model's base model.")
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]

@@ -5,6 +5,9 @@ import json
 import openai
 import pytest
 
+from afina.models import JobStatus
+from tests.support import add_rows, job_row
+
 pytestmark = pytest.mark.both_backends
 
 LINES = [
@@ -103,3 +106,25 @@ def test_a_dpo_job_is_created_with_the_official_client(client):
             model="org/base", training_file=pairs.id, method={"type": "supervised"}
         )
     assert (refused.value.param, refused.value.code) == ("training_file", "invalid_file_format")
+
+
+def test_pause_resume_and_model_delete_with_the_official_client(client, settings):
+    training = client.files.create(file=("train.jsonl", CONTENT), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="org/base", training_file=training.id)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert (paused.id, paused.status) == (job.id, "paused")
+    with pytest.raises(openai.ConflictError) as refused:
+        client.fine_tuning.jobs.pause(job.id)
+    assert refused.value.code == "job_not_pausable"
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    with pytest.raises(openai.ConflictError) as refused:
+        client.fine_tuning.jobs.resume(job.id)
+    assert refused.value.code == "job_not_paused"
+
+    done = job_row(project="default", status=JobStatus.SUCCEEDED, model="org/base")
+    done.fine_tuned_model = done.fine_tuned_model_name()
+    add_rows(settings, done)
+    deleted = client.models.delete(done.fine_tuned_model)
+    assert (deleted.id, deleted.deleted) == (done.fine_tuned_model, True)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(done.fine_tuned_model)

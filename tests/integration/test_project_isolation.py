@@ -33,8 +33,18 @@ from starlette.routing import compile_path
 
 from afina.core.ids import new_id
 from afina.core.settings import Settings
-from afina.core.storage import adapter_key, checkpoint_key
-from afina.models import File, Job, JobCheckpoint, JobEvent, JobMetric, JobStatus, new_event
+from afina.core.storage import adapter_key, checkpoint_key, export_key
+from afina.models import (
+    ExportStatus,
+    File,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobExport,
+    JobMetric,
+    JobStatus,
+    new_event,
+)
 from tests.support import assert_error, job_row, jsonl, register_worker, rows, upload
 
 pytestmark = pytest.mark.both_backends
@@ -92,6 +102,7 @@ class Refs:
     checkpoint: str  # its model name, `{job}:ckpt-step-{n}`
     checkpoint_id: str  # its object id, `ftckpt-...`
     event: str  # one of the succeeded job's events
+    export: str  # a merged export of the succeeded job's model
     base: str  # the base model of alpha's succeeded job
     own_file: str
     own_job: str
@@ -115,6 +126,7 @@ def made_up(own_file: str, own_job: str) -> Refs:
         checkpoint=f"{new_id('ftjob')}:ckpt-step-{STEPS[0]}",
         checkpoint_id=new_id("ftckpt"),
         event=new_id("ftevent"),
+        export=new_id("ftexport"),
         base=f"/srv/models/{secrets.token_hex(5)}",
         own_file=own_file,
         own_job=own_job,
@@ -398,6 +410,86 @@ ROWS = [
         NOT_FOUND,
         200,
     ),
+    Row(
+        "POST",
+        f"{JOB}/pause",
+        "pause a queued job",
+        lambda r: post(f"/v1/fine_tuning/jobs/{r.queued_job}/pause"),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "POST",
+        f"{JOB}/pause",
+        "pause a succeeded job",
+        lambda r: post(f"/v1/fine_tuning/jobs/{r.job}/pause"),
+        NOT_FOUND,
+        409,
+    ),
+    Row(
+        "POST",
+        f"{JOB}/resume",
+        "resume a queued job",
+        lambda r: post(f"/v1/fine_tuning/jobs/{r.queued_job}/resume"),
+        NOT_FOUND,
+        409,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/adapter",
+        "download the adapter",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.job}/adapter"),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/adapter",
+        "download a checkpoint",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.job}/adapter", checkpoint=STEPS[0]),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "POST",
+        f"{JOB}/exports",
+        "export the model",
+        lambda r: post(f"/v1/fine_tuning/jobs/{r.job}/exports", {"format": "merged"}),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/exports",
+        "exports",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.job}/exports"),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/exports/{{export_id}}",
+        "retrieve an export",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.job}/exports/{r.export}"),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/exports/{{export_id}}",
+        "own job's export, alpha's export id",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.own_job}/exports/{r.export}"),
+        NOT_FOUND,
+        200,
+    ),
+    Row(
+        "GET",
+        f"{JOB}/exports/{{export_id}}/content",
+        "download an export",
+        lambda r: get(f"/v1/fine_tuning/jobs/{r.job}/exports/{r.export}/content"),
+        NOT_FOUND,
+        200,
+    ),
     # models
     Row("GET", "/v1/models", "list", lambda r: get("/v1/models"), Lists("models"), 200),
     Row("GET", MODEL, "fine-tuned model", lambda r: get(f"/v1/models/{r.model}"), NO_MODEL, 200),
@@ -405,6 +497,22 @@ ROWS = [
     Row("GET", MODEL, "queued job id", lambda r: get(f"/v1/models/{r.queued_job}"), NO_MODEL, 409),
     Row("GET", MODEL, "checkpoint", lambda r: get(f"/v1/models/{r.checkpoint}"), NO_MODEL, 200),
     Row("GET", MODEL, "base model path", lambda r: get(f"/v1/models/{r.base}"), NO_MODEL, 200),
+    Row(
+        "DELETE",
+        MODEL,
+        "delete a fine-tuned model",
+        lambda r: Call("DELETE", f"/v1/models/{r.model}"),
+        NO_MODEL,
+        200,
+    ),
+    Row(
+        "DELETE",
+        MODEL,
+        "delete a checkpoint",
+        lambda r: Call("DELETE", f"/v1/models/{r.checkpoint}"),
+        Refused(400, "model", "model_not_deletable"),
+        400,
+    ),
     # generation: alpha's names resolve, then the token ceiling refuses them (400)
     *(
         Row(
@@ -502,6 +610,15 @@ def world(client: TestClient, app: FastAPI) -> World:
         db.add_all(
             JobMetric(job_id=job.id, step=step, epoch=step / 4, loss=2.0) for step in range(1, 5)
         )
+        export = JobExport(
+            id=new_id("ftexport"),
+            job_id=job.id,
+            status=ExportStatus.SUCCEEDED,
+            format="merged",
+            dtype="bfloat16",
+            bytes=len(SECRET_TEXT),
+        )
+        db.add(export)
         own_job = add_job(db, "beta", JobStatus.QUEUED, own_file, model=HUB_MODEL)
         db.commit()
         alpha = Refs(
@@ -514,6 +631,7 @@ def world(client: TestClient, app: FastAPI) -> World:
             checkpoint=f"{job.id}:ckpt-step-{STEPS[0]}",
             checkpoint_id=checkpoints[0].id,
             event=event.id,
+            export=export.id,
             base=BASE,
             own_file=spare_file,
             own_job=job.id,
@@ -523,6 +641,8 @@ def world(client: TestClient, app: FastAPI) -> World:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             with storage.atomic_write(f"{key}/{name}") as out:
                 out.write(SECRET_TEXT.encode())
+    with storage.atomic_write(export_key(job.id, export.id)) as out:
+        out.write(SECRET_TEXT.encode())
     return World(
         alpha=alpha,
         beta=replace(alpha, own_file=own_file, own_job=own_job.id),
@@ -549,7 +669,7 @@ def alpha_state(app: FastAPI, world: World) -> dict[str, Any]:
     ids = world.alpha_ids
     state: dict[str, Any] = {}
     with app.state.session_factory() as db:
-        for entity in (File, Job, JobEvent, JobMetric, JobCheckpoint):
+        for entity in (File, Job, JobEvent, JobMetric, JobCheckpoint, JobExport):
             table = entity.__table__
             found = db.execute(select(table).order_by(*table.primary_key.columns))
             state[table.name] = [

@@ -515,7 +515,9 @@ def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack:
 def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: Path):
     old = running_job(stack)  # the job as the lost run knows it
     old_run = JobRecorder(stack.session_factory, stack.storage, run_of(old))
-    old_heartbeat = Heartbeat(stack.session_factory, run_of(old), stack.settings.heartbeat_seconds)
+    old_heartbeat = Heartbeat.of_run(
+        stack.session_factory, run_of(old), stack.settings.heartbeat_seconds
+    )
     keep_resume_state(stack, tmp_path, old.id, 10)
 
     stack.reconciler().reconcile()
@@ -567,7 +569,7 @@ def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: 
     new_run.checkpoint(20, str(trainer_state(tmp_path / "new", 20)), {"step": 20})
     assert resume_steps(stack, old.id) == ["step-20"]
     assert stack.storage.exists(checkpoint_key(old.id, 20))
-    assert Heartbeat(stack.session_factory, run_of(new), 5).beat() is True
+    assert Heartbeat.of_run(stack.session_factory, run_of(new), 5).beat() is True
 
 
 def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_handing_its_back(
