@@ -1,7 +1,8 @@
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, MetaData
+from sqlalchemy import DateTime, Enum, MetaData
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -46,3 +47,16 @@ class Base(DeclarativeBase):
 
 class CreatedAt:
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def status_type(statuses: type[StrEnum], name: str, length: int) -> Enum:
+    """A status column's type: the values as strings under a CHECK constraint named `name`
+    (no native enum type, so adding a value is a constraint change on both backends)."""
+    return Enum(
+        statuses,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+    )

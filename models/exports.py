@@ -5,10 +5,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, String
+from sqlalchemy import JSON, BigInteger, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from afina.models.base import Base, CreatedAt
+from afina.models.base import Base, CreatedAt, status_type
 
 
 class ExportStatus(StrEnum):
@@ -23,16 +23,7 @@ class JobExport(CreatedAt, Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    status: Mapped[ExportStatus] = mapped_column(
-        Enum(
-            ExportStatus,
-            name="export_status",
-            native_enum=False,
-            create_constraint=True,
-            length=16,
-            values_callable=lambda statuses: [status.value for status in statuses],
-        )
-    )
+    status: Mapped[ExportStatus] = mapped_column(status_type(ExportStatus, "export_status", 16))
     format: Mapped[str] = mapped_column(String(16))
     dtype: Mapped[str] = mapped_column(String(16))
     # The checkpoint exported; None: the job's final adapter.

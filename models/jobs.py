@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Enum,
     ForeignKey,
     Index,
     String,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from afina.core.ids import new_id
-from afina.models.base import Base, CreatedAt, utcnow
+from afina.models.base import Base, CreatedAt, status_type, utcnow
 
 
 class JobStatus(StrEnum):
@@ -53,17 +52,7 @@ class Job(CreatedAt, Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     project: Mapped[str] = mapped_column(String(64))
-    status: Mapped[JobStatus] = mapped_column(
-        Enum(
-            JobStatus,
-            name="job_status",
-            native_enum=False,
-            create_constraint=True,
-            length=32,
-            values_callable=lambda statuses: [status.value for status in statuses],
-        ),
-        index=True,
-    )
+    status: Mapped[JobStatus] = mapped_column(status_type(JobStatus, "job_status", 32), index=True)
     model: Mapped[str] = mapped_column(String(512))
     # Plain ids, not foreign keys: like OpenAI's, a job keeps naming a file deleted later.
     training_file_id: Mapped[str] = mapped_column(String(64), index=True)

@@ -1,9 +1,7 @@
 """`/v1/files`: upload, list, retrieve, download and delete datasets, as in OpenAI's API."""
 
 import logging
-from collections.abc import Iterator
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
@@ -20,6 +18,7 @@ from afina.api.deps import (
     reading,
     records,
 )
+from afina.api.downloads import stream_download
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage, PageParams, list_page, page_params
 from afina.api.schemas.files import FileDeleted, FileObject
@@ -33,7 +32,6 @@ from afina.models import DATASET_PURPOSE, UNFINISHED, File, Job
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*KEYED))
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024
 NEVER_VALID: dict[str, Any] = {
     "not": {},
     "description": "Not supported: afina keeps a file until it is deleted.",
@@ -195,18 +193,11 @@ def download_file(row: OwnedFile, storage: StorageDep) -> StreamingResponse:
             code="file_content_missing",
         ) from None
 
-    def chunks() -> Iterator[bytes]:
-        with stream:
-            while chunk := stream.read(CHUNK_BYTES):
-                yield chunk
-
-    return StreamingResponse(
-        chunks(),
+    return stream_download(
+        stream,
+        size=row.bytes,
         media_type="text/csv" if row.format == "csv" else "application/jsonl",
-        headers={
-            "Content-Length": str(row.bytes),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",
-        },
+        filename=row.filename,
     )
 
 

@@ -6,7 +6,6 @@ downloaded as a `.tar.gz`)."""
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from afina.api.deps import DbDep, ProjectDep, QueueDep, StorageDep, reading, records
+from afina.api.downloads import stream_download
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage
 from afina.api.routers.fine_tuning import OwnedJob, PageDep, job_page, owned_job
@@ -32,7 +32,6 @@ router = APIRouter(
 )
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024
 GZIP = "application/gzip"
 
 
@@ -227,16 +226,6 @@ def download_export(
             code="export_content_missing",
         ) from None
 
-    def chunks() -> Iterator[bytes]:
-        with stream:
-            while chunk := stream.read(CHUNK_BYTES):
-                yield chunk
-
-    return StreamingResponse(
-        chunks(),
-        media_type=GZIP,
-        headers={
-            "Content-Length": str(export.bytes),
-            "Content-Disposition": f'attachment; filename="{export.id}.tar.gz"',
-        },
+    return stream_download(
+        stream, size=export.bytes, media_type=GZIP, filename=f"{export.id}.tar.gz"
     )

@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import (
     TEMPORARY_MARK,
@@ -34,10 +35,18 @@ from afina.core.storage import (
     staged_adapter_key,
 )
 from afina.jobs import retry
-from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
+from afina.jobs.queue import EXPORT_QUEUE, EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK
 from afina.jobs.reconciler import LOST_MESSAGE_SECONDS, UNSENT_GRACE_SECONDS, Reconciler
 from afina.jobs.run import Run
-from afina.models import Job, JobCheckpoint, JobEvent, JobMetric, JobStatus
+from afina.models import (
+    ExportStatus,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobExport,
+    JobMetric,
+    JobStatus,
+)
 from afina.models.base import utcnow
 from afina.services.root import Services
 from afina.worker import job_runner
@@ -207,13 +216,13 @@ def resume_steps(stack: Stack, job_id: str) -> list[str]:
     return stack.storage.names(resume_key(job_id))
 
 
-def take_messages(stack: Stack) -> list[str]:
-    """The job ids of the messages waiting on the training queue, taken off it."""
+def take_messages(stack: Stack, queue: str = TRAIN_QUEUE, task: str = TRAIN_TASK) -> list[str]:
+    """The job (or export) ids of the messages waiting on the queue, taken off it."""
     job_ids = []
     with stack.queue.connection_for_write() as connection:
         channel = connection.default_channel
-        while (message := channel.basic_get(TRAIN_QUEUE, no_ack=True)) is not None:
-            assert message.headers["task"] == TRAIN_TASK
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            assert message.headers["task"] == task
             args, _kwargs, _embed = message.decode()
             job_ids.append(args[0])
     return job_ids
@@ -368,6 +377,37 @@ def test_a_job_lost_while_it_was_to_pause_is_paused_and_a_paused_job_is_never_lo
     assert take_messages(stack) == []  # resuming it sends one
     assert snapshot(stored(stack, paused.id))["status"] == JobStatus.PAUSED
     assert events(stack, paused.id) == []
+
+
+def test_an_export_whose_worker_went_silent_fails_and_an_unsent_one_is_sent(stack: Stack):
+    job = add_job(stack, JobStatus.SUCCEEDED)
+    long_ago = utcnow() - timedelta(seconds=TIMEOUT + UNSENT_GRACE_SECONDS + 5)
+
+    def export(status: ExportStatus, **values: Any) -> str:
+        row = JobExport(
+            id=new_id("ftexport"), job_id=job.id, status=status, format="merged", dtype="bfloat16"
+        )
+        for name, value in values.items():
+            setattr(row, name, value)
+        with stack.session_factory.begin() as session:
+            session.add(row)
+        return row.id
+
+    silent = export(ExportStatus.RUNNING, heartbeat_at=long_ago, created_at=long_ago)
+    beating = export(ExportStatus.RUNNING, heartbeat_at=utcnow(), created_at=long_ago)
+    unsent = export(ExportStatus.QUEUED, created_at=long_ago)
+    just_created = export(ExportStatus.QUEUED)
+
+    stack.reconciler().reconcile()
+
+    with stack.session_factory() as session:
+        found = {row.id: row for row in session.scalars(select(JobExport))}
+    assert found[silent].status == ExportStatus.FAILED
+    assert found[silent].error["code"] == "worker_lost"
+    assert found[beating].status == ExportStatus.RUNNING
+    assert take_messages(stack, EXPORT_QUEUE, EXPORT_TASK) == [unsent]
+    assert found[just_created].enqueued_at is None
+    assert take_messages(stack) == []
 
 
 def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(stack: Stack):
