@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from afina.api.auth import ApiKeyAuth
 from afina.api.database import DatabaseThreads
@@ -14,6 +15,7 @@ from afina.api.errors import install_error_handlers
 from afina.api.keys import KeyStore
 from afina.api.limits import ConcurrencyLimit, RequestLimits
 from afina.api.routers import (
+    dashboard,
     files,
     fine_tuning,
     health,
@@ -98,4 +100,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(workers.router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.STATIC_PATH, StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app

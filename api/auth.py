@@ -1,4 +1,5 @@
-"""API keys: `Authorization: Bearer <key>` on every route but the health probes.
+"""API keys: `Authorization: Bearer <key>` on every route but the health probes and the
+dashboard's page shells and static files (its script sends the key on its API calls).
 
 Checked in ASGI middleware, before anything reads the request body, so a caller without a
 valid key cannot make the server take in an upload. The caller's project goes into the
@@ -17,6 +18,7 @@ from afina.api.asgi import is_loopback, route_path
 from afina.api.database import DatabaseThreads
 from afina.api.errors import error_response
 from afina.api.keys import KeyStore
+from afina.api.routers.dashboard import is_dashboard_path
 from afina.core.settings import DEFAULT_PROJECT
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -32,6 +34,7 @@ class ApiKeyAuth:
         if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        dashboard = is_dashboard_path(route_path(scope))
         headers = Headers(scope=scope)
         scheme, _, token = headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
@@ -53,6 +56,9 @@ class ApiKeyAuth:
                 "--project P`) to serve anything else."
             )
             await error_response(403, message, code="not_local")(scope, receive, send)
+            return
+        if dashboard:
+            await self.app(scope, receive, send)
             return
         if project is None:
             if token:

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from afina.api import keys
 from afina.api.asgi import is_loopback
 from afina.api.server import Server, server_config
-from afina.cli.client import jobs_app
+from afina.cli.chat import chat, generate
+from afina.cli.files import files_app
+from afina.cli.jobs import jobs_app
 from afina.core.settings import PROJECT_NAME, Settings, get_settings
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
@@ -245,6 +247,9 @@ keys_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(files_app, name="files")
+app.command()(chat)
+app.command()(generate)
 
 
 def _keys_database() -> sessionmaker[Session]:

@@ -39,6 +39,8 @@ XDIST_GROUPS = {
     "tests/e2e/test_inference.py": "stack",
     "tests/e2e/test_preference_and_evaluation.py": "stack",
     "tests/e2e/test_take_away.py": "stack",
+    "tests/e2e/test_cli_client_generation.py": "stack",
+    "tests/browser/test_dashboard.py": "browser",
 }
 
 

@@ -325,3 +325,20 @@ def demo_model_in(root: Path, *, seed: int = 0, shape: ModelShape = ModelShape()
             build_demo_model(building, seed=seed, shape=shape)
             building.rename(directory)
     return directory
+
+
+# Ten chat examples: a training file that passes validation.
+CHAT = jsonl(
+    *(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(10)
+    )
+)
+
+
+def config_only_model(root: Path) -> Path:
+    """A local model as far as the API can tell: a directory with a config.json."""
+    directory = root / "models" / "tiny"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    return directory

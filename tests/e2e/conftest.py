@@ -26,8 +26,7 @@ def stack_settings(database_url: str, data_dir: Path, **overrides: object) -> Se
         data_dir=data_dir,
         database_url=database_url,
         broker_url=broker_url_for(database_url, data_dir),
-        api_keys=[],
-        **overrides,
+        **{"api_keys": [], **overrides},
     )
 
 

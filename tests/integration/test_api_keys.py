@@ -221,6 +221,8 @@ def test_an_open_service_answers_only_its_own_machine(client, settings, headers)
     assert "afina keys create" in error["message"]
     posted = upload(client, EXAMPLE, headers=headers)
     assert posted.status_code == 403
+    for dashboard in ("/", "/jobs/ftjob-x", "/static/dashboard.js"):  # the dashboard too
+        assert_error(client.get(dashboard, headers=headers), 403, None, "not_local")
     assert rows(settings, File) == []
     assert not list((settings.data_dir / "artifacts").rglob("*.jsonl"))
 
@@ -236,6 +238,21 @@ def test_an_open_service_answers_only_its_own_machine(client, settings, headers)
 )
 def test_an_open_service_answers_loopback_names(client, headers):
     assert client.get("/v1/files", headers=headers).status_code == 200
+    assert client.get("/", headers=headers).status_code == 200
+
+
+def test_the_dashboard_pages_need_no_key_but_its_api_calls_do(make_settings):
+    app = create_app(make_settings(api_keys=["team:team-key"]))
+    with TestClient(app, base_url=LOCAL) as client:
+        page = client.get("/jobs/ftjob-anything")
+        assert page.status_code == 200
+        assert 'data-job="ftjob-anything"' in page.text
+        assert client.get("/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
+        assert_error(client.get("/v1/fine_tuning/jobs"), 401, None, "missing_api_key")
+        escaped = client.get('/jobs/"><img src=x onerror=alert(1)>')
+        assert escaped.status_code == 200
+        assert "<img src=x" not in escaped.text  # the template escapes the id
+        assert "&lt;img src=x" in escaped.text
 
 
 def test_with_a_key_any_host_and_origin_may_call(afina_keys, client):

@@ -17,23 +17,22 @@ from afina.core.job_config import ConfigRequest, resolve_config
 from afina.jobs import lifecycle
 from afina.models import RESULTS_PURPOSE, File, Job, JobCheckpoint, JobEvent, JobStatus
 from afina.models.session import make_engine, make_session_factory
-from tests.support import LOCAL, add_rows, assert_error, job_row, jsonl, rows, upload
-
-CHAT = jsonl(
-    *(
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-        for i in range(10)
-    )
+from tests.support import (
+    CHAT,
+    LOCAL,
+    add_rows,
+    assert_error,
+    config_only_model,
+    job_row,
+    jsonl,
+    rows,
+    upload,
 )
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    """A local model as far as the API can tell: a directory with a config.json."""
-    directory = tmp_path / "models" / "tiny"
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
-    return directory
+    return config_only_model(tmp_path)
 
 
 @pytest.fixture
