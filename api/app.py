@@ -5,13 +5,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
+import fastapi.routing
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from afina.api import metrics
 from afina.api.auth import ApiKeyAuth
 from afina.api.database import DatabaseThreads
 from afina.api.errors import install_error_handlers
+from afina.api.http_metrics import HttpMetrics, HttpMetricsMiddleware, RouteTemplates
 from afina.api.keys import KeyStore
 from afina.api.limits import ConcurrencyLimit, RequestLimits
 from afina.api.routers import (
@@ -72,9 +75,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # a full disk has had it released.
     app.state.space_reserve = services.space_reserve
     app.state.reconciler = services.reconciler
+    # `GET /metrics`: this app's HTTP families and those read at scrape time.
+    app.state.metrics = metrics.metrics_registry(
+        services.engine, services.celery, settings.worker_timeout_seconds
+    )
     install_error_handlers(app)
-    # The last added runs first: the limit on requests at once, the body's limits, then the
-    # key check, then the app.
+    # The last added runs first: the HTTP metrics (so that every answer is counted, the
+    # refused ones too), the limit on requests at once, the body's limits, then the key
+    # check, then the app.
     app.add_middleware(
         ApiKeyAuth,
         keys=KeyStore(
@@ -93,7 +101,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         limit=settings.max_concurrent_requests,
         max_queue_seconds=settings.max_queue_seconds,
     )
+    # Since FastAPI 0.137 an included router is one entry of `app.routes`: this opens them.
+    flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
+    app.add_middleware(
+        HttpMetricsMiddleware,
+        metrics=HttpMetrics(app.state.metrics),
+        templates=RouteTemplates(lambda: flatten(app.routes)),
+    )
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(job_artifacts.router)

@@ -1,5 +1,6 @@
-"""API keys: `Authorization: Bearer <key>` on every route but the health probes and the
-dashboard's page shells and static files (its script sends the key on its API calls).
+"""API keys: `Authorization: Bearer <key>` on every route but the health probes, the metrics
+(`/metrics`: aggregates only) and the dashboard's page shells and static files (its script
+sends the key on its API calls).
 
 Checked in ASGI middleware, before anything reads the request body, so a caller without a
 valid key cannot make the server take in an upload. The caller's project goes into the
@@ -21,7 +22,8 @@ from afina.api.keys import KeyStore
 from afina.api.routers.dashboard import is_dashboard_path
 from afina.core.settings import DEFAULT_PROJECT
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The probes, and Prometheus's scrape (aggregates only: see `api.metrics`).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class ApiKeyAuth:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
@@ -26,7 +27,13 @@ from afina.api.server import Server, server_config
 from afina.cli.chat import chat, generate
 from afina.cli.files import files_app
 from afina.cli.jobs import jobs_app
-from afina.core.settings import PROJECT_NAME, Settings, get_settings
+from afina.core.settings import (
+    MAX_WORKER_QUEUES,
+    PROJECT_NAME,
+    Settings,
+    get_settings,
+    parse_worker_queues,
+)
 from afina.models import ApiKey
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine, make_session_factory
@@ -337,10 +344,33 @@ def revoke_key(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues",
+            "-Q",
+            help="The queues to take tasks from, in order, comma-separated (overrides "
+            "AFINA_WORKER_QUEUES): 'export' for merged exports, any other name a training "
+            "queue, the first its worker class's own, e.g. train-80g,train.",
+        ),
+    ] = None,
+) -> None:
     """Run one worker on this machine, e.g. on a GPU node (pin it to a GPU with
-    CUDA_VISIBLE_DEVICES): training jobs and merged exports, or the queues of
-    AFINA_WORKER_QUEUES."""
+    CUDA_VISIBLE_DEVICES): training jobs and merged exports, or the queues of --queues
+    (AFINA_WORKER_QUEUES)."""
+    if queues is not None:
+        try:
+            names = parse_worker_queues(queues)
+        except ValidationError:
+            raise typer.BadParameter(
+                f"give 1-{MAX_WORKER_QUEUES} names of 1-64 letters, digits, '.', '_' or '-', "
+                "comma-separated",
+                param_hint="--queues",
+            ) from None
+        # What every part of the worker reads (the registry's row, Celery's --queues).
+        os.environ["AFINA_WORKER_QUEUES"] = ",".join(names)
+        get_settings.cache_clear()
     from afina.worker.celery_app import run_worker
 
     run_worker()

@@ -2,7 +2,7 @@
 
 The request follows OpenAI's body (`method.supervised.hyperparameters` or
 `method.dpo.hyperparameters`, or the legacy top-level `hyperparameters`) plus afina's `lora`,
-`quantization`, `training` and `evaluation` sections.
+`quantization`, `training`, `evaluation` and `resources` sections.
 Every knob has a type and a range, and an unknown key is refused by name. `resolve_config`
 turns a request into the `JobConfig` stored on the job: every "auto" and every default
 replaced by the value the run will use, so the job object shows exactly what trains.
@@ -31,6 +31,8 @@ DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_SEQ_LENGTH = 2048
 DEFAULT_BETA = 0.1  # DPO's (Rafailov et al. 2023), and trl's and OpenAI's
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# A Celery queue's name: what workers take (AFINA_WORKER_QUEUES) and `resources.queue` names.
+QUEUE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 def _whole_number(value: Any) -> Any:
@@ -256,6 +258,29 @@ class EvaluationSettings(_Strict):
     )
 
 
+MAX_GPUS = 64
+
+
+class ResourceSettings(_Strict):
+    """What the job runs on: which workers may take it, and how many GPUs of its node. The
+    queue chosen is stored on the job (`Job.queue`), not in the resolved config."""
+
+    gpus: integer(ge=1, le=MAX_GPUS) = Field(  # type: ignore[valid-type]
+        default=1,
+        description="GPUs of one node the job trains on, with distributed data parallel "
+        "(one rank a GPU, each with `batch_size` examples a step); a live worker must have "
+        "that many.",
+    )
+
+    queue: Annotated[str, Field(pattern=QUEUE_PATTERN)] | None = Field(
+        default=None,
+        description="The training queue (a worker class, e.g. train-80g) to send the job "
+        "to; a live worker must take it (with none registered, only the default queue, "
+        "train). Default: the queue of the smallest worker class that fits the job, or "
+        "train when that cannot be checked.",
+    )
+
+
 class ResolvedHyperparameters(_Strict):
     n_epochs: int
     batch_size: int
@@ -272,6 +297,16 @@ class ResolvedTraining(TrainingSettings):
     )
 
 
+class ResolvedResources(_Strict):
+    """What the run takes of its worker's node."""
+
+    gpus: int = Field(
+        default=1,
+        description="Processes the run trains on (distributed data parallel), one a GPU: "
+        "the node's GPUs, or CPU processes on a node without any.",
+    )
+
+
 class JobConfig(_Strict):
     """Everything the trainer needs besides the model and the files: stored on the job."""
 
@@ -281,6 +316,7 @@ class JobConfig(_Strict):
     quantization: QuantizationSettings
     training: ResolvedTraining
     evaluation: EvaluationSettings = EvaluationSettings()
+    resources: ResolvedResources = ResolvedResources()
 
 
 DPO_REFUSED = {
@@ -375,6 +411,7 @@ class ConfigRequest(_Strict):
     quantization: QuantizationSettings = QuantizationSettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    resources: ResourceSettings = ResourceSettings()
 
     @model_validator(mode="after")
     def one_place_for_hyperparameters(self) -> "ConfigRequest":
@@ -451,6 +488,7 @@ def resolve_config(
         quantization=request.quantization,
         training=training,
         evaluation=request.evaluation,
+        resources=ResolvedResources(gpus=request.resources.gpus),
     )
     return fit_to_model(config, model_max_length) if model_max_length else config
 

@@ -8,15 +8,21 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from afina.core.job_config import QUEUE_PATTERN
 
 MiB = 1024 * 1024
 DEFAULT_PROJECT = "default"
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 API_KEY = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as it was sent
+# A queue a worker takes tasks from (AFINA_WORKER_QUEUES, `afina worker --queues`): the
+# names a job's `resources.queue` takes, and at most this many a worker.
+QueueName = Annotated[str, Field(pattern=QUEUE_PATTERN)]
+MAX_WORKER_QUEUES = 16
 
 
 def _in_data_dir(template: str) -> Callable[[dict[str, Any]], str]:
@@ -45,6 +51,24 @@ class Settings(BaseSettings):
     storage_url: str = Field(
         default_factory=_in_data_dir("{data_dir}/artifacts"),
         description="Artifact root: a local path or an fsspec URL; default `{data_dir}/artifacts`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint of an `s3://` storage_url (MinIO, Ceph, R2, ...); unset: "
+        "AWS, or what AWS_ENDPOINT_URL says.",
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        description="The access key of an `s3://` storage_url; unset: the standard AWS "
+        "credentials (AWS_ACCESS_KEY_ID, ~/.aws, an instance role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="The secret that goes with s3_access_key_id."
+    )
+    s3_region: str | None = Field(
+        default=None,
+        description="The region of an `s3://` storage_url's bucket; unset: AWS_DEFAULT_REGION "
+        "or the bucket's own.",
     )
     allowed_models: Annotated[list[str], NoDecode] = Field(
         default=["*"], description="Glob patterns of model ids/paths a job may name."
@@ -89,12 +113,14 @@ class Settings(BaseSettings):
         "has lost its worker: it is queued again (or failed after max_attempts). Workers stamp "
         "every sixth of it; the clocks of the API and worker machines must agree well within it.",
     )
-    worker_queues: Annotated[list[Literal["train", "export"]], NoDecode] = Field(
+    worker_queues: Annotated[list[QueueName], NoDecode] = Field(
         default=["train", "export"],
         min_length=1,
-        description="The queues a worker takes tasks from: training jobs, merged exports. A "
-        "worker runs one task at a time; give exports a worker of their own to keep the "
-        "training workers training.",
+        max_length=MAX_WORKER_QUEUES,
+        description="The queues a worker takes tasks from, in order: `export` is merged "
+        "exports', any other name a training queue (`train`, the default one, or a worker "
+        "class's such as `train-80g`). A worker runs one task at a time; give exports a "
+        "worker of their own to keep the training workers training.",
     )
 
     api_threads: int = Field(
@@ -185,6 +211,12 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("worker_queues")
+    @classmethod
+    def each_queue_once(cls, queues: list[str]) -> list[str]:
+        """The queues in the order given, each once."""
+        return list(dict.fromkeys(queues))
+
     @field_validator("api_keys")
     @classmethod
     def keys_name_valid_projects(cls, entries: list[str]) -> list[str]:
@@ -208,6 +240,25 @@ class Settings(BaseSettings):
             seen[key] = number
         return entries
 
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options of `storage_url`: the S3 endpoint, credentials and region for
+        an `s3://` URL (those unset are left to the standard AWS settings), none otherwise."""
+        if not self.storage_url.startswith(("s3://", "s3a://")):
+            return {}
+        options: dict[str, Any] = {}
+        if self.s3_access_key_id is not None:
+            options["key"] = self.s3_access_key_id
+        if self.s3_secret_access_key is not None:
+            options["secret"] = self.s3_secret_access_key.get_secret_value()
+        client: dict[str, str] = {}
+        if self.s3_endpoint_url:
+            client["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_region:
+            client["region_name"] = self.s3_region
+        if client:
+            options["client_kwargs"] = client
+        return options
+
     def api_key_projects(self) -> dict[str, str]:
         """{key: project} for the bootstrap keys."""
         return {key: project for project, key in map(split_api_key, self.api_keys)}
@@ -225,6 +276,18 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url.removeprefix(prefix)
         return url
+
+
+_WORKER_QUEUES = TypeAdapter(
+    Annotated[list[QueueName], Field(min_length=1, max_length=MAX_WORKER_QUEUES)]
+)
+
+
+def parse_worker_queues(value: str) -> list[str]:
+    """A worker's queues written as AFINA_WORKER_QUEUES takes them (`train-80g,train`), in
+    their order, each once; pydantic's ValidationError when a name or their number is wrong."""
+    names = [item.strip() for item in value.split(",") if item.strip()]
+    return list(dict.fromkeys(_WORKER_QUEUES.validate_python(names)))
 
 
 def split_api_key(entry: str) -> tuple[str, str]:

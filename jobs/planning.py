@@ -10,7 +10,10 @@ that fits no live worker.
   runtime's: the CUDA context, the allocator's slack), `CPU_RESIDENT_FACTOR` times the total
   on a CPU worker;
 - the time is the tokens trained over the throughput that worker measured on a model of
-  that size, else the FLOPs model (`core.estimate.flops_model_seconds`).
+  that size, else the FLOPs model (`core.estimate.flops_model_seconds`);
+- the job goes to the queue of the smallest worker class that fits it: the first training
+  queue of that smallest worker (`queue`), unless the request named one (`resources.queue`:
+  the plan is then made on the workers that take that queue alone).
 A worker's compute dtype follows the job's setting; "auto" is bfloat16 on a GPU and float32
 on a CPU, as the worker picks it.
 """
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from afina.core.estimate import (
     Memory,
@@ -31,7 +34,8 @@ from afina.core.estimate import (
     tokens_per_step,
 )
 from afina.core.job_config import DEFAULT_BATCH_SIZE, JobConfig
-from afina.jobs.workers import size_key
+from afina.jobs.queue import TRAIN_QUEUE
+from afina.jobs.workers import queues_of, size_key, taking
 from afina.models import Worker
 
 AUTO_BATCH_LIMIT = DEFAULT_BATCH_SIZE
@@ -81,6 +85,11 @@ class Plan(BaseModel):
     estimated_from: Literal["measured_throughput", "flops_model"] | None
     settings: PlannedSettings
     fits: Fits
+    queue: str | None = Field(
+        description="The training queue the job is sent to: resources.queue, or the first "
+        "queue of the smallest worker that fits it (its worker class); train with no worker "
+        "to check against; null when it fits none."
+    )
 
 
 @dataclass(frozen=True)
@@ -136,12 +145,14 @@ def _fits(total: int, worker: Worker) -> bool:
 
 
 def _steps(config: JobConfig, data: Dataset, batch_size: int) -> int:
+    """Optimizer steps: each takes `batch_size` rows on each rank, accumulated."""
     training = config.training
     assert training.max_seq_length is not None
     rows = len(data.lengths)
     if training.packing:
         rows = math.ceil(sum(data.lengths) / training.max_seq_length)
-    per_epoch = math.ceil(math.ceil(rows / batch_size) / training.gradient_accumulation_steps)
+    global_batch = batch_size * config.resources.gpus
+    per_epoch = math.ceil(math.ceil(rows / global_batch) / training.gradient_accumulation_steps)
     steps = per_epoch * config.hyperparameters.n_epochs
     return min(steps, training.max_steps) if training.max_steps else steps
 
@@ -165,6 +176,19 @@ def _remedy(
     return "model"
 
 
+def route(target: Worker | None, named: str | None, *, checked: bool) -> str | None:
+    """The training queue of a job planned on `target`, the smallest worker that fits it
+    (None: it fits none, or there was none to check, `checked` False): the queue the request
+    named, else `target`'s first (its worker class's); `TRAIN_QUEUE` with nothing checked."""
+    if checked and target is None:
+        return None
+    if named is not None:
+        return named
+    if target is None:
+        return TRAIN_QUEUE
+    return next(iter(queues_of(target)), TRAIN_QUEUE)
+
+
 def plan(
     shape: ModelShape,
     config: JobConfig,
@@ -172,9 +196,16 @@ def plan(
     workers: Sequence[Worker],
     *,
     auto_batch: bool,
+    queue: str | None = None,
 ) -> Plan:
     """The plan for `config` (resolved, with `auto_batch` saying the batch size was "auto")
-    on the live `workers`, smallest memory first."""
+    on the live `workers`, smallest memory first: with `queue` (the one the request named),
+    those that take it."""
+    if queue is not None:
+        workers = taking(workers, queue)
+    ranks = config.resources.gpus
+    most_ranks = max((worker.max_ranks for worker in workers), default=0)
+    workers = [worker for worker in workers if worker.max_ranks >= ranks]
     choices = _choices(config, data, auto_batch=auto_batch)
     chosen, target = None, None
     for worker in workers:
@@ -189,14 +220,22 @@ def plan(
         if chosen is not None:
             target = worker
             break
-    fits = Fits(checked=bool(workers), workers=[])
-    if not workers:  # nothing to fit: the settings as asked, or the defaults
+    fits = Fits(checked=bool(workers) or most_ranks > 0, workers=[])
+    if not workers and fits.checked:  # none has as many GPUs as the job asks for
+        chosen = choices[0]
+        fits.reason = (
+            f"asks for {ranks} GPUs of one node, and the live workers' nodes have at most "
+            f"{most_ranks}"
+        )
+        fits.param = "resources.gpus"
+    elif not workers:  # nothing to fit: the settings as asked, or the defaults
         chosen = choices[0]
     elif chosen is None:  # fits none: shown as the least the run could take on the largest
         chosen, largest = choices[-1], workers[-1]
         needed = _needed(_memory(shape, config, data, largest.device_kind, chosen).total, largest)
+        on = f" on queue {queue}" if queue is not None else ""
         fits.reason = (
-            f"needs {size(needed)}, the largest worker ({largest.device_name}) has "
+            f"needs {size(needed)}, the largest worker{on} ({largest.device_name}) has "
             f"{size(largest.memory_total)} and a run may use {FIT_SHARE:.0%} of it"
         )
         fits.param = _remedy(shape, config, data, largest, chosen)
@@ -228,6 +267,7 @@ def plan(
             max_seq_length=config.training.max_seq_length,
         ),
         fits=fits,
+        queue=route(target, queue, checked=fits.checked),
     )
 
 

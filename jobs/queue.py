@@ -1,21 +1,29 @@
-"""The training queue: its names, sending a job's message, and noting on the job whether it
-has one.
+"""The training queues: their names, sending a job's message, and noting on the job whether
+it has one.
+
+A job's message goes to the job's own queue (`Job.queue`, chosen when it was created: the
+worker class it was routed to), whoever sends it: the API, a resume, the reconciler. A worker
+takes the queues it was started with (AFINA_WORKER_QUEUES, `afina worker --queues`):
+`export` is the merged exports' queue, any other name a training queue.
 
 A queued job whose `enqueued_at` is empty has no message (the process that meant to send it
 died first, or a stopping worker handed it back): the reconciler sends it. A message sent
 twice is harmless: a worker starts a job only while the database says it is queued.
 """
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from celery import Celery
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from afina.jobs import exports
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
+# The default training queue: a job goes there when nothing could be checked (no worker
+# registered yet, the model's config not here), and every worker takes it by default.
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "afina.train_job"
 # Merged exports: a queue of their own, so that a worker can be kept for training.
@@ -23,8 +31,23 @@ EXPORT_QUEUE = "export"
 EXPORT_TASK = "afina.export_model"
 
 
+def training_queues(queues: Iterable[str]) -> list[str]:
+    """The training queues among a worker's queues, in its order."""
+    return [name for name in queues if name != EXPORT_QUEUE]
+
+
+def queue_of(session: Session, job_id: str) -> str:
+    """The training queue the job's messages go to."""
+    return session.scalar(select(Job.queue).where(Job.id == job_id)) or TRAIN_QUEUE
+
+
+def send(queue: Celery, job_id: str, name: str) -> None:
+    """Send the job's message to the training queue `name` (it wins over any route)."""
+    queue.send_task(TRAIN_TASK, args=[job_id], queue=name)
+
+
 def enqueue(queue: Celery, session: Session, job_id: str) -> None:
-    queue.send_task(TRAIN_TASK, args=[job_id])
+    send(queue, job_id, queue_of(session, job_id))
     session.execute(
         update(Job).where(Job.id == job_id, Job.enqueued_at.is_(None)).values(enqueued_at=utcnow())
     )
@@ -50,7 +73,7 @@ def enqueue_again(queue: Celery, session: Session, job_id: str, sent_before: dat
     ).rowcount
     session.commit()
     if renewed:
-        queue.send_task(TRAIN_TASK, args=[job_id])
+        send(queue, job_id, queue_of(session, job_id))
     return bool(renewed)
 
 

@@ -11,8 +11,9 @@ change it makes is a conditional UPDATE) and every few seconds:
 - sends the message of a `queued` job that has none: the process that stored the job died
   before it could queue it;
 - sends another message for a `queued` job whose message was lost: sent long ago, and the
-  broker's training queue is empty (a worker took it, then died before it could claim the
-  job or hand the message back; the embedded broker never delivers a message twice);
+  job's training queue on the broker is empty (a worker took it, then died before it could
+  claim the job or hand the message back; the embedded broker never delivers a message
+  twice);
 - fails a merged export whose worker stopped stamping its heartbeat (an export keeps nothing
   to resume: the caller asks for another), and sends the message of one stored without it;
 - keeps the space reserve of a SQLite database (`core.disk`) in place once its disk has room.
@@ -41,7 +42,7 @@ from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, latest_resume_step
 from afina.jobs import exports, lifecycle
-from afina.jobs.queue import TRAIN_QUEUE, enqueue, enqueue_again, enqueue_export
+from afina.jobs.queue import enqueue, enqueue_again, enqueue_export
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 # A new job's message is sent by the API right after the job is stored: only one still
 # unsent after this long has lost its sender.
 UNSENT_GRACE_SECONDS = 10.0
-# A queued job whose message went this long ago, while the training queue holds none, has
+# A queued job whose message went this long ago, while its training queue holds none, has
 # lost it: workers take a message only to claim its job at once.
 LOST_MESSAGE_SECONDS = 60.0
 # Free space on a SQLite database's disk under which its writes (heartbeats) may fail.
@@ -164,8 +165,8 @@ class Reconciler:
                 )
             ).all()
             sent_before = now - timedelta(seconds=LOST_MESSAGE_SECONDS)
-            long_sent = session.scalars(
-                select(Job.id)
+            long_sent = session.execute(
+                select(Job.id, Job.queue)
                 .where(Job.status == JobStatus.QUEUED, Job.enqueued_at < sent_before)
                 .order_by(Job.created_at)
             ).all()
@@ -187,10 +188,15 @@ class Reconciler:
             if broker_up:
                 logger.warning("job %s was queued without a message: sending it", job_id)
                 broker_up = self._send(job_id)
-        if long_sent and broker_up and self._queue_is_empty():
-            for job_id in long_sent:
-                if broker_up:
-                    broker_up = self._send_again(job_id, sent_before)
+        # Each job's own queue: a message waiting there says the job's is not lost.
+        empty: dict[str, bool] = {}
+        for job_id, queue in long_sent:
+            if not broker_up:
+                break
+            if queue not in empty:
+                empty[queue] = self._queue_is_empty(queue)
+            if empty[queue]:
+                broker_up = self._send_again(job_id, sent_before)
         if broker_up:
             self._reconcile_exports(now)
 
@@ -264,15 +270,16 @@ class Reconciler:
             return False
         return changed == JobStatus.QUEUED  # a job paused meanwhile waits for its resume
 
-    def _queue_is_empty(self) -> bool:
-        """Whether the training queue holds no message waiting for a worker (False when the
-        broker cannot say). Declaring the queue counts them; the workers declare it too."""
+    def _queue_is_empty(self, name: str) -> bool:
+        """Whether the training queue `name` holds no message waiting for a worker (False
+        when the broker cannot say). Declaring the queue counts them; the workers declare it
+        too."""
         try:
             with self.queue.connection_for_read() as connection:
-                declared = connection.default_channel.queue_declare(queue=TRAIN_QUEUE)
+                declared = connection.default_channel.queue_declare(queue=name)
                 return declared.message_count == 0
         except Exception as error:
-            logger.warning("could not count the training queue's messages (%r)", error)
+            logger.warning("could not count the messages of training queue %s (%r)", name, error)
             return False
 
     def _send_again(self, job_id: str, sent_before: datetime) -> bool:

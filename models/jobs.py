@@ -89,6 +89,9 @@ class Job(CreatedAt, Base):
     # When the caller deleted the fine-tuned model (`DELETE /v1/models/...`): its adapter,
     # checkpoints and exports are gone; the job stays, as a record.
     model_deleted_at: Mapped[datetime | None]
+    # The training queue its messages go to: the worker class chosen when it was created
+    # (`resources.queue`, or the smallest class that fits), `train` when none was checked.
+    queue: Mapped[str] = mapped_column(String(64), default="train", server_default="train")
     # When the job's message last went to the queue; None while a queued job still needs one.
     enqueued_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

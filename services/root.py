@@ -33,7 +33,7 @@ class Services:
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url, threads=database_threads)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
-        self.storage = ArtifactStorage(settings.storage_url)
+        self.storage = ArtifactStorage(settings.storage_url, settings.storage_options())
 
     @cached_property
     def celery(self) -> "Celery":

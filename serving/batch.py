@@ -11,6 +11,7 @@ import secrets
 import torch
 
 from afina.core.chat_format import generation_stops
+from afina.serving import metrics
 from afina.serving.decoding import Row, generate
 from afina.serving.model_cache import NO_ADAPTER, LoadedBase, ModelCache
 from afina.serving.prompts import prompt_ids
@@ -132,6 +133,7 @@ def serve_batch(models: ModelCache, batch: list[GenerationStream], max_new_token
         row.stream.post(Started(prompt_tokens=len(row.prompt_ids)))
     if not rows:
         return
+    metrics.BATCH_SIZE.observe(len(rows))
     try:
         generate(
             base.model,

@@ -3,15 +3,19 @@
 Prompts are left-padded to one width and prefilled in one forward pass; then every step
 feeds each row's last token. A row that finishes (or whose client went away) leaves the
 batch, and the KV cache drops it, so the rest keep going at the cost of the rows still there.
+Each step counts its tokens and times them (`serving.metrics`): the first step's tokens from
+their requests' submission, the later ones from the step before.
 """
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from afina.serving import metrics
 from afina.serving.protocol import (
     Delta,
     Finished,
@@ -102,7 +106,11 @@ def _advance(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
             logger.exception("decoding a row failed")
             row.fail(internal_error())
             done = True
-        if not done and not row.stream.cancelled:
+        if done:
+            continue
+        if row.stream.cancelled:
+            row.stream.drop()
+        else:
             going.append(i)
     return going
 
@@ -136,8 +144,16 @@ def generate(model: torch.nn.Module, rows: list[Row], *, pad_id: int, by_adapter
 
     with torch.inference_mode():
         logits = forward(input_ids)
+        last = None  # when the rows got their last token
         while True:
             keep = _advance(logits, rows)
+            now = time.perf_counter()
+            metrics.TOKENS.inc(len(rows))
+            if last is None:
+                metrics.first_tokens((row.stream.submitted_at for row in rows), now)
+            else:
+                metrics.next_tokens(len(rows), now - last)
+            last = now
             if not keep:
                 return
             if len(keep) < len(rows):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage
+from afina.serving import metrics
 from afina.serving.protocol import (
     GenerationStream,
     InferenceError,
@@ -53,17 +54,10 @@ class InferenceEngine:
         """Queue a request (on the caller's event loop); its events come on the stream."""
         stream = GenerationStream(model, prompt, params)
         with self._condition:
-            if self._unavailable is not None:
-                raise self._unavailable
-            if self._closed:
-                raise _shutting_down()
-            if len(self._waiting) >= self._settings.max_queued_generations:
-                raise InferenceError(
-                    429,
-                    f"{len(self._waiting)} generation requests are already waiting "
-                    "(AFINA_MAX_QUEUED_GENERATIONS): retry shortly",
-                    code="too_many_requests",
-                )
+            refusal = self._refusal()
+            if refusal is not None:
+                metrics.ended("rejected")
+                raise refusal
             self._waiting.append((time.monotonic(), stream))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -72,6 +66,21 @@ class InferenceEngine:
                 self._thread.start()
             self._condition.notify()
         return stream
+
+    def _refusal(self) -> InferenceError | None:
+        """Why a new request is refused now, if it is (under the condition's lock)."""
+        if self._unavailable is not None:
+            return self._unavailable
+        if self._closed:
+            return _shutting_down()
+        if len(self._waiting) >= self._settings.max_queued_generations:
+            return InferenceError(
+                429,
+                f"{len(self._waiting)} generation requests are already waiting "
+                "(AFINA_MAX_QUEUED_GENERATIONS): retry shortly",
+                code="too_many_requests",
+            )
+        return None
 
     def forget(self, folder: str) -> None:
         """Unload the adapters stored under `folder` (their files were deleted), and drop
@@ -138,7 +147,7 @@ class InferenceEngine:
     def _next_batch(self) -> list[GenerationStream] | None:
         with self._condition:
             while not self._closed:
-                self._waiting = [(t, s) for t, s in self._waiting if not s.cancelled]
+                self._waiting = self._without_cancelled()
                 if not self._waiting:
                     self._condition.wait()
                     continue
@@ -148,6 +157,16 @@ class InferenceEngine:
                     continue
                 return self._take_batch()
             return None
+
+    def _without_cancelled(self) -> list[tuple[float, GenerationStream]]:
+        """The waiting requests less those cancelled, which are dropped."""
+        kept = []
+        for waited in self._waiting:
+            if waited[1].cancelled:
+                waited[1].drop()
+            else:
+                kept.append(waited)
+        return kept
 
     def _take_batch(self) -> list[GenerationStream]:
         base = self._waiting[0][1].model.base.key

@@ -1,6 +1,7 @@
 """The models the engine holds: base models, least recently used first out beyond
 AFINA_MAX_LOADED_BASE_MODELS, and the adapters on them, least recently used first out
-beyond AFINA_MAX_LOADED_ADAPTERS (counted across all bases).
+beyond AFINA_MAX_LOADED_ADAPTERS (counted across all bases). Adapter hits, misses and
+evictions are counted (`serving.metrics`).
 
 All of a base's adapters are loaded into one peft model under their own names, so one
 forward pass can apply a different adapter to each row of a batch (`adapter_names`).
@@ -24,6 +25,7 @@ from afina.core.base_models import max_length
 from afina.core.chat_format import Stops, end_of_turn, eos_ids
 from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
 from afina.core.storage import ArtifactStorage
+from afina.serving import metrics
 from afina.serving.protocol import AdapterSpec, BaseModelSpec, InferenceError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,9 @@ class ModelCache:
             self._bases.move_to_end(spec.key)
             return loaded
         while len(self._bases) >= self._max_bases:
-            self._unload_base(next(iter(self._bases)))
+            evicted = next(iter(self._bases))
+            metrics.ADAPTER_CACHE_EVICTIONS.inc(sum(key == evicted for key, _ in self._adapters))
+            self._unload_base(evicted)
         try:
             model = load_base_model(
                 spec.model,
@@ -121,9 +125,12 @@ class ModelCache:
         saved with it, so chat uses the template it was trained with)."""
         entry = (base.spec.key, spec.key)
         if entry in self._adapters:
+            metrics.ADAPTER_CACHE_HITS.inc()
             self._adapters.move_to_end(entry)
             return self._adapters[entry]
+        metrics.ADAPTER_CACHE_MISSES.inc()
         while len(self._adapters) >= self._max_adapters:
+            metrics.ADAPTER_CACHE_EVICTIONS.inc()
             self._unload_adapter(*next(iter(self._adapters)))
         directory = self._fetch(spec)
         name = next(self._names)

@@ -7,11 +7,13 @@ accepted, `Delta`s of text, then `Finished`, or an `InferenceError` instead.
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
 from afina.core.job_config import QuantizationSettings
+from afina.serving import metrics
 
 FinishReason = Literal["stop", "length"]
 
@@ -133,16 +135,21 @@ class GeneratedText:
 
 class GenerationStream:
     """One request's side of the engine: the engine thread posts events into the caller's
-    event loop; the caller reads them, and `cancel()` tells the engine to drop the row."""
+    event loop; the caller reads them, and `cancel()` tells the engine to drop the row.
+
+    The stream also counts how its request ended (`serving.metrics`), once: at the first
+    `Finished` or error posted, or as cancelled when the engine drops it (`drop`)."""
 
     def __init__(self, model: ModelSpec, prompt: Prompt, params: SamplingParams) -> None:
         """Made on the caller's event loop: its events are delivered there."""
         self.model = model
         self.prompt = prompt
         self.params = params
+        self.submitted_at = time.perf_counter()  # for the time to its first token
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._ended = False  # counted in the metrics; read and set on the engine thread
 
     @property
     def cancelled(self) -> bool:
@@ -151,8 +158,22 @@ class GenerationStream:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    def drop(self) -> None:
+        """Called from the engine thread when it drops this request, cancelled, before it
+        ended."""
+        self._end("cancelled")
+
+    def _end(self, outcome: str) -> None:
+        if not self._ended:
+            self._ended = True
+            metrics.ended(outcome)
+
     def post(self, event: Event) -> None:
         """Called from the engine thread."""
+        if isinstance(event, Finished):
+            self._end(event.finish_reason)
+        elif isinstance(event, InferenceError):
+            self._end("error")
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the caller's loop is closed: nobody is listening

@@ -21,7 +21,14 @@ from afina.core.settings import Settings
 from afina.models import Base
 from afina.models.schema import upgrade_database
 from afina.models.session import make_engine
-from tests.support import LOCAL, demo_model_in, serve_in_thread
+from tests.support import (
+    LOCAL,
+    S3_ENDPOINT,
+    S3Bucket,
+    demo_model_in,
+    s3_reachable,
+    serve_in_thread,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -183,3 +190,26 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base temp dir (theirs are folders of it)."""
     root = tmp_path_factory.getbasetemp()
     return demo_model_in(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+
+
+REQUIRE_S3 = os.environ.get("AFINA_TEST_REQUIRE_S3") == "1"
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[S3Bucket]:
+    """A bucket of its own for this run (for each xdist worker) on the S3 server named by
+    AFINA_TEST_S3_URL, emptied and removed after it. Without a server the S3 cases skip,
+    unless AFINA_TEST_REQUIRE_S3=1 (CI)."""
+    unreachable = s3_reachable(S3_ENDPOINT)
+    if unreachable:
+        if REQUIRE_S3:
+            pytest.fail(unreachable)
+        pytest.skip(unreachable)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    bucket = S3Bucket(f"afina-test-{worker}-{secrets.token_hex(4)}")
+    filesystem = bucket.filesystem()
+    filesystem.mkdir(bucket.name)
+    try:
+        yield bucket
+    finally:
+        filesystem.rm(bucket.name, recursive=True)

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -124,10 +126,13 @@ def register_worker(
     kind: str = "cuda",
     name: str = "NVIDIA L4",
     throughput: dict[str, float] | None = None,
+    queues: Sequence[str] = ("train",),
+    ranks: int = 1,
 ) -> None:
-    """A worker in the registry, as one that just started would write itself."""
-    device = workers.Device(kind, name, memory_total, memory_total // 2, cpu_cores=8)
-    workers.register(db, worker_id, "gpu-host", "train", device)
+    """A worker in the registry, as one that just started would write itself, taking the
+    training `queues`, on a node where a job may train on `ranks` GPUs."""
+    device = workers.Device(kind, name, memory_total, memory_total // 2, cpu_cores=8, ranks=ranks)
+    workers.register(db, worker_id, "gpu-host", queues, device)
     if throughput:
         db.flush()
         db.get(Worker, worker_id).throughput = throughput
@@ -342,3 +347,61 @@ def config_only_model(root: Path) -> Path:
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
     return directory
+
+
+# The S3-compatible server of the object-storage tests (`.ci/run` starts moto's on this port).
+S3_ENDPOINT = os.environ.get("AFINA_TEST_S3_URL", "http://127.0.0.1:9000")
+S3_KEY = os.environ.get("AFINA_TEST_S3_ACCESS_KEY_ID", "afina-test")
+S3_SECRET = os.environ.get("AFINA_TEST_S3_SECRET_ACCESS_KEY", "afina-test-secret")
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A bucket of this test run's own on the test S3 server."""
+
+    name: str
+    endpoint_url: str = S3_ENDPOINT
+
+    def url(self, prefix: str) -> str:
+        """An `AFINA_STORAGE_URL` under this bucket."""
+        return f"s3://{self.name}/{prefix}"
+
+    def settings(self) -> dict[str, str]:
+        """The `Settings` fields that reach the server."""
+        return {
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_access_key_id": S3_KEY,
+            "s3_secret_access_key": S3_SECRET,
+        }
+
+    def options(self) -> dict[str, Any]:
+        """The fsspec storage options that reach the server."""
+        return {
+            "key": S3_KEY,
+            "secret": S3_SECRET,
+            "client_kwargs": {"endpoint_url": self.endpoint_url},
+        }
+
+    def filesystem(self) -> Any:
+        """An s3fs file system on the server that lists afresh every time."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            **self.options(), use_listings_cache=False, skip_instance_cache=True
+        )
+
+    def objects(self, prefix: str) -> list[str]:
+        """Every object key under `prefix` in the bucket, relative to it."""
+        root = f"{self.name}/{prefix}".rstrip("/")
+        found = self.filesystem().find(root)
+        return sorted(name.removeprefix(f"{root}/") for name in found)
+
+
+def s3_reachable(endpoint_url: str) -> str | None:
+    """None when something answers at the endpoint's host and port, else why not."""
+    parts = urlsplit(endpoint_url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
+    except OSError as error:
+        return f"S3 server not reachable at {endpoint_url}: {error}"
+    return None

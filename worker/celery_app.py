@@ -1,7 +1,9 @@
 """The Celery app, configured from settings.
 
 Embedded default: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed; set
-`AFINA_BROKER_URL=redis://...` for production. Training tasks are long and hold a GPU, so:
+`AFINA_BROKER_URL=redis://...` for production. A training job's message goes to the queue
+the sender names (the job's own: `jobs.queue.send`); a worker takes the queues of
+`AFINA_WORKER_QUEUES` (`afina worker --queues`). Training tasks are long and hold a GPU, so:
 acknowledge a task only when it has finished (`acks_late`, so a worker that dies leaves its
 message unacknowledged; `reject_on_worker_lost` does the same for pools with child
 processes), take one message at a time (prefetch 1), and run in the worker's own process
@@ -16,7 +18,7 @@ from celery import Celery
 from sqlalchemy.engine import make_url
 
 from afina.core.settings import Settings, get_settings
-from afina.jobs.queue import EXPORT_QUEUE, EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK
+from afina.jobs.queue import EXPORT_QUEUE, EXPORT_TASK, TRAIN_QUEUE
 from afina.worker.broker import embedded_broker_url
 
 
@@ -33,8 +35,11 @@ def create_celery(settings: Settings) -> Celery:
     broker = embedded_broker_url(settings.broker_url)
     app = Celery("afina", broker=broker, include=["afina.worker.tasks"])
     app.conf.update(
+        # A training task goes where its sender says (the job's queue: a worker class), or
+        # to the default training queue; no route pins it, so that a send's queue (and a
+        # retry's, which keeps the queue its message came from) always wins.
         task_default_queue=TRAIN_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
+        task_routes={EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -59,8 +64,8 @@ def create_celery(settings: Settings) -> Celery:
 
 def run_worker() -> None:
     """Run one worker in this process until it is told to stop: one task at a time (a
-    training job or a merged export, from the queues of `AFINA_WORKER_QUEUES`), in the
-    worker's own process."""
+    training job or a merged export, from the queues of `AFINA_WORKER_QUEUES`, which
+    `afina worker --queues` sets), in the worker's own process."""
     settings = get_settings()
     # A neutral working directory: a model name given as a hub id must never resolve to a
     # directory that happens to sit where the worker was started.

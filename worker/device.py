@@ -35,10 +35,17 @@ def free_memory() -> int:
     return _meminfo_bytes("MemAvailable")
 
 
+def ranks_available() -> int:
+    """The most ranks a distributed run may have here: the GPUs this process sees, or its
+    CPU cores on a node without one."""
+    return torch.cuda.device_count() or len(os.sched_getaffinity(0))
+
+
 def this_device() -> Device:
     cores = len(os.sched_getaffinity(0))
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(0)
-        return Device("cuda", torch.cuda.get_device_name(0), total, free, cores)
+        name = torch.cuda.get_device_name(0)
+        return Device("cuda", name, total, free, cores, ranks_available())
     name = _proc_field(_CPUINFO, r"^model name\s*:(.*)$") or "CPU"
-    return Device("cpu", name, _meminfo_bytes("MemTotal"), free_memory(), cores)
+    return Device("cpu", name, _meminfo_bytes("MemTotal"), free_memory(), cores, cores)

@@ -44,6 +44,7 @@ from afina.jobs import lifecycle, result_files, workers
 from afina.jobs.retry import retried
 from afina.jobs.run import Run
 from afina.models import File, Job, JobStatus
+from afina.worker.device import ranks_available
 from afina.worker.heartbeat import Heartbeat
 from afina.worker.process import shutdown_requested, this_worker
 from afina.worker.run_recorder import JobRecorder
@@ -145,9 +146,34 @@ def _parent_adapter(context: WorkerContext, job: Job, run: Run) -> Path | None:
     return context.storage.local_directory(key, workdir(context, run) / "parent")
 
 
-def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
+@dataclass(frozen=True)
+class Inputs:
+    """What a run starts from, fetched once as local directories (for all its ranks)."""
+
+    resume_from: Path | None  # the trainer state an earlier run of the job kept
+    tokenized_from: Path | None  # the datasets an earlier run tokenized
+    adapter_from: Path | None  # the adapter of the fine-tuned model the job continues
+
+
+def fetch_inputs(context: WorkerContext, job: Job, recorder: JobRecorder) -> Inputs:
+    return Inputs(
+        _resume_point(context, job, recorder),
+        _tokenized(context, recorder.run),
+        _parent_adapter(context, job, recorder.run),
+    )
+
+
+def training_run(
+    context: WorkerContext,
+    job: Job,
+    inputs: Inputs,
+    workdir: Path,
+    *,
+    trainer_dir: Path | None = None,
+    follower: bool = False,
+) -> TrainingRun:
     validation = job.validation_file_id
-    run = TrainingRun(
+    return TrainingRun(
         model=job.model,
         config=JobConfig.model_validate(job.config),
         seed=job.seed,
@@ -155,14 +181,32 @@ def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingO
         validation_data=(
             _dataset_opener(context, validation, "validation_file") if validation else None
         ),
-        workdir=workdir(context, recorder.run),
+        workdir=workdir,
         max_line_bytes=context.settings.max_line_bytes,
         trust_remote_code=context.settings.trust_remote_code,
-        resume_from=_resume_point(context, job, recorder),
-        tokenized_from=_tokenized(context, recorder.run),
-        adapter_from=_parent_adapter(context, job, recorder.run),
+        resume_from=inputs.resume_from,
+        tokenized_from=inputs.tokenized_from,
+        adapter_from=inputs.adapter_from,
+        trainer_dir=trainer_dir,
+        follower=follower,
     )
-    return train(run, recorder)
+
+
+def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
+    inputs = fetch_inputs(context, job, recorder)
+    ranks = JobConfig.model_validate(job.config).resources.gpus
+    if ranks > ranks_available():
+        raise TrainingFailure(
+            "too_few_gpus",
+            f"the job asks for {ranks} GPUs of one node and this worker has "
+            f"{ranks_available()}: route it to a worker that has (resources.queue)",
+            "resources.gpus",
+        )
+    if ranks > 1:
+        from afina.worker.ranks import train_on_ranks  # it imports this module
+
+        return train_on_ranks(context, job, recorder, inputs, ranks)
+    return train(training_run(context, job, inputs, workdir(context, recorder.run)), recorder)
 
 
 def stopped(context: WorkerContext, recorder: JobRecorder, steps: int) -> bool:

@@ -1,10 +1,12 @@
-"""This worker's row in the registry (`jobs.workers`): written when the worker is ready,
-stamped with its free memory every few seconds, removed when it stops. The API counts a
-worker whose stamp is older than AFINA_WORKER_TIMEOUT_SECONDS as gone."""
+"""This worker's row in the registry (`jobs.workers`): written when the worker is ready, with
+its device and the training queues it takes, stamped with its free memory every few seconds,
+removed when it stops. The API counts a worker whose stamp is older than
+AFINA_WORKER_TIMEOUT_SECONDS as gone."""
 
 import logging
 import socket
 import threading
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,11 +18,15 @@ logger = logging.getLogger(__name__)
 
 class Presence:
     def __init__(
-        self, session_factory: sessionmaker[Session], worker_id: str, queue: str, interval: float
+        self,
+        session_factory: sessionmaker[Session],
+        worker_id: str,
+        queues: Sequence[str],
+        interval: float,
     ) -> None:
         self.session_factory = session_factory
         self.worker_id = worker_id
-        self.queue = queue
+        self.queues = list(queues)  # its training queues, its class's first
         self.interval = interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._stamp, name="worker-presence", daemon=True)
@@ -47,7 +53,11 @@ class Presence:
                         registered = workers.refresh(session, self.worker_id, free_memory())
                     else:
                         workers.register(
-                            session, self.worker_id, socket.gethostname(), self.queue, this_device()
+                            session,
+                            self.worker_id,
+                            socket.gethostname(),
+                            self.queues,
+                            this_device(),
                         )
                         registered = True
             except Exception:

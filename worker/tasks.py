@@ -19,7 +19,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import SQLAlchemyError
 
 from afina.core.settings import get_settings
-from afina.jobs.queue import EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK, handed_back
+from afina.jobs.queue import EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK, handed_back, training_queues
 from afina.services.root import Services
 from afina.worker.exports import run_export
 from afina.worker.job_runner import WorkerContext, run_job
@@ -41,17 +41,33 @@ def _context() -> WorkerContext:
     return WorkerContext(services.settings, services.session_factory, services.storage)
 
 
+def _training_queues() -> list[str]:
+    """The training queues this worker takes (AFINA_WORKER_QUEUES, `afina worker --queues`),
+    in its order: the first is its worker class's own."""
+    return training_queues(get_settings().worker_queues)
+
+
 @lru_cache
 def _presence() -> Presence:
     context = _context()
     return Presence(
-        context.session_factory, this_worker(), TRAIN_QUEUE, context.settings.heartbeat_seconds
+        context.session_factory,
+        this_worker(),
+        _training_queues(),
+        context.settings.heartbeat_seconds,
     )
 
 
 def _trains() -> bool:
     """Whether this worker takes training jobs: only those count for the estimates."""
-    return TRAIN_QUEUE in get_settings().worker_queues
+    return bool(_training_queues())
+
+
+def _queue_of(task: Task) -> str:
+    """The queue the task's message came from (a direct exchange's routing key is its
+    queue's name): its retry goes back there, to the workers of the job's class."""
+    delivery = task.request.delivery_info or {}
+    return delivery.get("routing_key") or TRAIN_QUEUE
 
 
 @worker_ready.connect
@@ -95,7 +111,7 @@ def train_job(self: Task, job_id: str) -> None:
             type(error).__name__,
             delay,
         )
-        raise self.retry(exc=error, countdown=delay) from error
+        raise self.retry(exc=error, countdown=delay, queue=_queue_of(self)) from error
     if requeued:
         raise Reject(reason="the worker is shutting down", requeue=True)
 

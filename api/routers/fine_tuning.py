@@ -4,6 +4,7 @@ recorded (events, checkpoints, and afina's whole metric series)."""
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -53,7 +54,7 @@ from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, file_key
 from afina.jobs import lifecycle, planning, workers
 from afina.jobs.dataset_tokens import dataset_tokens
-from afina.jobs.queue import enqueue
+from afina.jobs.queue import EXPORT_QUEUE, TRAIN_QUEUE, enqueue
 from afina.models import (
     DATASET_PURPOSE,
     File,
@@ -62,6 +63,7 @@ from afina.models import (
     JobEvent,
     JobMetric,
     JobStatus,
+    Worker,
 )
 
 router = APIRouter(
@@ -202,15 +204,42 @@ def _checked(body: JobCreate, db: Session, project: str, settings: Settings) -> 
     return _Checked(model, training, config, model_config, parent)
 
 
-def _plan(
-    body: JobCreate,
-    checked: _Checked,
-    db: Session,
-    settings: Settings,
-    storage: ArtifactStorage,
-) -> planning.Plan:
-    """The plan on the live workers; ValueError when it cannot be made (the model's
-    shape or the dataset's tokens are not known here, or a template fails)."""
+def _named_queue(body: JobCreate, live: Sequence[Worker]) -> str | None:
+    """The training queue the request names (`resources.queue`), if it names one: a live
+    worker must take it (with no worker registered, only the default queue is taken), or it
+    is refused with a 400 naming `resources.queue`."""
+    named = body.resources.queue
+    if named is None:
+        return None
+    if named == EXPORT_QUEUE:
+        message = (
+            f"Queue {named!r} is the merged exports' queue: name a training queue, one a "
+            "live worker takes (GET /v1/workers), or leave resources.queue out"
+        )
+    elif not live:
+        if named == TRAIN_QUEUE:
+            return named
+        message = (
+            f"No worker is registered yet, so none takes queue {named!r}: until one does, a "
+            f"job may name only the default queue {TRAIN_QUEUE!r} (or leave resources.queue "
+            "out)"
+        )
+    elif not workers.taking(live, named):
+        taken = ", ".join(sorted({name for worker in live for name in workers.queues_of(worker)}))
+        message = (
+            f"No live worker takes queue {named!r}: the live workers take {taken} "
+            "(GET /v1/workers); or leave resources.queue out"
+        )
+    else:
+        return named
+    raise APIError(400, message, param="resources.queue", code="unknown_queue")
+
+
+def _inputs(
+    body: JobCreate, checked: _Checked, settings: Settings, storage: ArtifactStorage
+) -> tuple[ModelShape, planning.Dataset]:
+    """What a plan is made from; ValueError when it cannot be made (the model's shape or
+    the dataset's tokens are not known here, or a template fails)."""
     shape = ModelShape.of(checked.model_config) if checked.model_config else None
     if shape is None or checked.config.training.max_seq_length is None:
         raise ValueError(
@@ -225,12 +254,25 @@ def _plan(
         max_line_bytes=settings.max_line_bytes,
         trust_remote_code=settings.trust_remote_code,
     )
+    return shape, data
+
+
+def _plan_on(
+    body: JobCreate,
+    checked: _Checked,
+    inputs: tuple[ModelShape, planning.Dataset],
+    live: Sequence[Worker],
+    queue: str | None,
+) -> planning.Plan:
+    """The plan on the `live` workers (those of `queue`, when the request named one)."""
+    shape, data = inputs
     return planning.plan(
         shape,
         checked.config,
         data,
-        workers.live(db, settings.worker_timeout_seconds),
+        live,
         auto_batch=body.chosen_hyperparameters().batch_size == "auto",
+        queue=queue,
     )
 
 
@@ -243,11 +285,13 @@ def estimate_job(
     storage: StorageDep,
 ) -> planning.Plan:
     """The plan afina would run for this job body (the body of `POST /v1/fine_tuning/jobs`,
-    checked the same way): its memory, time, settings and the workers that can run it.
-    Nothing is stored."""
+    checked the same way): its memory, time, settings, the workers that can run it and the
+    queue it goes to. Nothing is stored."""
     checked = _checked(body, db, project, settings)
+    live = workers.live(db, settings.worker_timeout_seconds)
+    named = _named_queue(body, live)
     try:
-        return _plan(body, checked, db, settings, storage)
+        return _plan_on(body, checked, _inputs(body, checked, settings, storage), live, named)
     except RecordError as error:
         raise APIError(
             400, str(error), param="training_file", code="invalid_training_example"
@@ -268,7 +312,9 @@ def create_job(
 ) -> JobObject:
     checked = _checked(body, db, project, settings)
     model, training, config = checked.model, checked.training, checked.config
-    admission = _admit(body, checked, db, settings, storage)
+    live = workers.live(db, settings.worker_timeout_seconds)
+    named = _named_queue(body, live)
+    admission = _admit(body, checked, settings, storage, live, named)
     if isinstance(admission, planning.Plan):
         config = planning.applied(
             config,
@@ -276,6 +322,7 @@ def create_job(
             batch_size=body.chosen_hyperparameters().batch_size == "auto",
             checkpointing=config.training.gradient_checkpointing == "auto",
         )
+    queue_name, routed = _routed(admission, named)
     job = Job(
         id=new_id("ftjob"),
         project=project,
@@ -290,6 +337,7 @@ def create_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         user_metadata=body.metadata,
         config=config.model_dump(mode="json"),
+        queue=queue_name,
     )
     if len(job.fine_tuned_model_name()) > MAX_MODEL_NAME:
         raise APIError(
@@ -305,6 +353,7 @@ def create_job(
         f"Validated training file {training.id}: {training.num_examples} "
         f"{training.format} examples",
         admission if isinstance(admission, str) else _admitted(admission),
+        routed,
         "Job queued",
     )
     db.commit()
@@ -326,22 +375,41 @@ def create_job(
             "The job queue (AFINA_BROKER_URL) is not reachable; nothing was stored. Try again.",
             code="queue_unavailable",
         ) from None
-    logger.info("job %s queued for project %s on %s", job.id, project, model)
+    logger.info("job %s queued for project %s on %s (queue %s)", job.id, project, model, job.queue)
     return JobObject.of(job)
 
 
 def _admit(
-    body: JobCreate, checked: _Checked, db: Session, settings: Settings, storage: ArtifactStorage
+    body: JobCreate,
+    checked: _Checked,
+    settings: Settings,
+    storage: ArtifactStorage,
+    live: Sequence[Worker],
+    named: str | None,
 ) -> planning.Plan | str:
-    """The plan of a job that fits a live worker; a 400 for one that fits none, naming the
-    setting to change; what could not be checked (no worker yet, the model's config or
-    tokens not here), for the job's first event: the job is then queued unchecked."""
+    """The plan of a job that fits a live worker (one that takes the queue the request
+    named); a 400 for one that fits none, naming the setting to change (`resources.queue`
+    when workers on other queues fit it); what could not be checked (no worker yet, the
+    model's config or tokens not here), for the job's first event: the job is then queued
+    unchecked."""
     try:
-        plan = _plan(body, checked, db, settings, storage)
+        inputs = _inputs(body, checked, settings, storage)
+        plan = _plan_on(body, checked, inputs, live, named)
     except ValueError as error:  # RecordError too: the run will say which example
         return f"Could not check that the job fits a worker: {error}"
     if not plan.fits.checked:
         return "Could not check that the job fits a worker: none is registered yet"
+    if not plan.fits.workers and named is not None:
+        elsewhere = _plan_on(body, checked, inputs, live, None)
+        if elsewhere.fits.workers:
+            raise APIError(
+                400,
+                f"The job fits no worker on queue {named!r}: it {plan.fits.reason}. It fits "
+                f"a worker on queue {elsewhere.queue!r}: name that one, or leave "
+                "resources.queue out",
+                param="resources.queue",
+                code="does_not_fit",
+            )
     if not plan.fits.workers:
         raise APIError(
             400,
@@ -351,6 +419,15 @@ def _admit(
             code="does_not_fit",
         )
     return plan
+
+
+def _routed(admission: planning.Plan | str, named: str | None) -> tuple[str, str]:
+    """The training queue the job is sent to, and the event that says why."""
+    if named is not None:
+        return named, f"Queued on {named}: the queue resources.queue names"
+    if isinstance(admission, planning.Plan) and admission.queue is not None:
+        return admission.queue, f"Queued on {admission.queue}: the smallest worker class that fits"
+    return TRAIN_QUEUE, f"Queued on {TRAIN_QUEUE}: the default queue (no worker class was checked)"
 
 
 def _admitted(plan: planning.Plan) -> str:

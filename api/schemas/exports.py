@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from afina.api.schemas.files import unix_seconds
 from afina.api.schemas.jobs import JobError
+from afina.core.job_config import integer
 from afina.models import ExportStatus, JobExport
 
 GGUF_REFUSED = (
@@ -24,9 +25,8 @@ class ExportCreate(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="The dtype the base is loaded, merged and saved in."
     )
-    checkpoint: int | None = Field(
+    checkpoint: integer(ge=1) | None = Field(  # type: ignore[valid-type]
         default=None,
-        ge=1,
         description="The step of a checkpoint to export; the final model when left out.",
     )
 

@@ -40,7 +40,8 @@ def _location_of(key: str, body: Any) -> tuple[str | int, ...] | None:
 
 class JobCreate(ConfigRequest):
     """The body of `POST /v1/fine_tuning/jobs`: OpenAI's fields plus afina's `lora`,
-    `quantization` and `training` sections (sent by the openai client as `extra_body`)."""
+    `quantization`, `training`, `evaluation` and `resources` sections (sent by the openai
+    client as `extra_body`)."""
 
     model: str = Field(min_length=1, max_length=512, description="Hub id or absolute path.")
     training_file: str = Field(min_length=1, max_length=64)
@@ -143,6 +144,10 @@ class JobObject(BaseModel):
     )
     progress: Progress
     config: JobConfig
+    queue: str = Field(
+        description="The training queue (worker class) the job was sent to: resources.queue, "
+        "or the smallest worker class that fits it, or train."
+    )
 
     @classmethod
     def of(cls, row: Job) -> "JobObject":
@@ -177,6 +182,7 @@ class JobObject(BaseModel):
                 estimated_finish=_seconds(row.estimated_finish),
             ),
             config=config,
+            queue=row.queue,
         )
 
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,16 +31,30 @@ def stack_settings(database_url: str, data_dir: Path, **overrides: object) -> Se
 
 
 @contextmanager
-def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m afina.worker` on these settings, logging to `{data dir}/worker.log`;
-    stopped (SIGTERM, then SIGKILL after 30 s) at the end if still running."""
+def worker_process(
+    settings: Settings, queues: Sequence[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m afina.worker` on these settings (their database, broker and storage, an
+    object store's endpoint and credentials too, the queues it takes: `queues`, else the
+    settings'), logging to `{data dir}/worker.log`; stopped (SIGTERM, then SIGKILL after
+    30 s) at the end if still running."""
+    secret = settings.s3_secret_access_key
+    s3 = {
+        "AFINA_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "AFINA_S3_ACCESS_KEY_ID": settings.s3_access_key_id,
+        "AFINA_S3_SECRET_ACCESS_KEY": secret.get_secret_value() if secret else None,
+        "AFINA_S3_REGION": settings.s3_region,
+    }
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in s3},
         "AFINA_DATA_DIR": str(settings.data_dir),
         "AFINA_DATABASE_URL": settings.database_url,
         "AFINA_BROKER_URL": settings.broker_url,
+        "AFINA_STORAGE_URL": settings.storage_url,
         "AFINA_API_KEYS": "",
         "AFINA_WORKER_TIMEOUT_SECONDS": str(settings.worker_timeout_seconds),
+        "AFINA_WORKER_QUEUES": ",".join(queues or settings.worker_queues),
+        **{name: value for name, value in s3.items() if value is not None},
     }
     with (settings.data_dir / "worker.log").open("ab") as log:
         worker = subprocess.Popen(

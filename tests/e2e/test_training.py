@@ -98,9 +98,10 @@ def test_a_job_trains_to_success_and_keeps_its_record(api, stack, demo_model):
     assert checkpoints[0]["metrics"]["valid_loss"] == series[-1]["eval_loss"]
 
     events = messages(api, job_id)
-    assert events[:4] == [
+    assert events[:5] == [
         f"Validated training file {training}: 64 chat examples",
         events[1],
+        events[2],
         "Job queued",
         "Job started (attempt 1)",
     ]
@@ -111,6 +112,10 @@ def test_a_job_trains_to_success_and_keeps_its_record(api, stack, demo_model):
         r"registered yet",
         events[1],
     ), events[1]
+    assert events[2] in (
+        "Queued on train: the smallest worker class that fits",
+        "Queued on train: the default queue (no worker class was checked)",
+    )
     for expected in (
         "Training with packed_sdpa attention, padding-free batches, gradient checkpointing "
         "off, Liger kernels off",

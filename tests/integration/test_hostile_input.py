@@ -549,6 +549,9 @@ JOB_FIELDS = {
     "evaluation": "object",
     "evaluation.samples": "int",
     "evaluation.max_new_tokens": "int",
+    "resources": "object",
+    "resources.queue": "str?",
+    "resources.gpus": "int",
 }
 PLACEHOLDER = "__WRONG_VALUE__"
 

@@ -535,10 +535,11 @@ def test_a_new_jobs_first_events_list_in_the_order_they_were_written(client, set
             "Could not check that the job fits a worker: the model's config.json ('org/base') "
             "is not on this server or gives no model size (a hub model's is read from this "
             "machine's Hugging Face cache)",
+            "Queued on train: the default queue (no worker class was checked)",
             "Job queued",
         ]
         written = sorted(e.created_at for e in rows(settings, JobEvent) if e.job_id == job)
-        assert written == [now + timedelta(microseconds=n) for n in range(3)]
+        assert written == [now + timedelta(microseconds=n) for n in range(4)]
 
 
 PREFERENCE = jsonl(

@@ -68,6 +68,7 @@ CHAT = jsonl(
 NOT_FUZZED = {
     *("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"),
     *("/", "/new", "/files", "/playground", "/jobs/{job_id}", "/static"),
+    "/metrics",  # Prometheus's text format, not JSON (tests/integration/test_metrics.py)
 }
 
 
@@ -211,9 +212,16 @@ def before_generate_case(context, strategy):
 # --- refusals that no schema can foresee ----------------------------------------------------
 
 # A 400 naming one of these says "this names nothing stored here" (an unknown file, a model
-# outside the operator's allow-list, an upload whose lines are not a dataset): schema-valid
-# data the server must still refuse.
-STORED_REFERENCES = {"after", "training_file", "validation_file", "model", "file"}
+# outside the operator's allow-list, an upload whose lines are not a dataset, a queue no
+# live worker takes): schema-valid data the server must still refuse.
+STORED_REFERENCES = {
+    "after",
+    "training_file",
+    "validation_file",
+    "model",
+    "file",
+    "resources.queue",
+}
 # The generator's validator compares integers as doubles, so it takes 2**64 + 384 for a
 # number under the maximum 2**64 - 1. The server compares exactly.
 EXACT_BELOW = 2**53

@@ -19,7 +19,7 @@ name that does not is a 404; the engine thread fails the test if it ever starts.
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ CHAT = jsonl(
 OUT_OF_MATRIX = {
     *("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz"),
     *("/", "/new", "/files", "/playground", "/jobs/{job_id}"),
+    "/metrics",  # aggregates only, no project's object (tests/integration/test_metrics.py)
 }
 
 
@@ -606,8 +607,16 @@ def world(client: TestClient, app: FastAPI) -> World:
         job.fine_tuned_model = job.fine_tuned_model_name()
         event = new_event(job.id, f"Job succeeded: {SECRET_TEXT}")
         db.add(event)
+        # A microsecond apart: the list is ordered by (created_at, id), ids being random.
+        saved_at = datetime.now(UTC)
         checkpoints = [
-            JobCheckpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics={"loss": 1.0})
+            JobCheckpoint(
+                id=new_id("ftckpt"),
+                job_id=job.id,
+                step=step,
+                metrics={"loss": 1.0},
+                created_at=saved_at + timedelta(microseconds=step),
+            )
             for step in STEPS
         ]
         db.add_all(checkpoints)

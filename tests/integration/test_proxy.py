@@ -106,3 +106,10 @@ def test_a_client_slow_with_its_headers_is_cut_off(proxy):
     while connection.recv(65536):
         pass
     assert time.monotonic() - started < 9  # the proxy's 1 s, not the test's 10 s
+
+
+def test_the_metrics_stay_off_the_published_port(proxy, live_server):
+    response = httpx.get(f"{proxy}/metrics", headers={"Host": "localhost"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{live_server}/metrics").status_code == 200  # Prometheus's way

@@ -151,6 +151,7 @@ def running_job(
     silent: timedelta = SILENT,
     lost_workers: int = 0,
     worker: str | None = "afina-serve-0",
+    queue: str = TRAIN_QUEUE,
 ) -> Job:
     """A job as its run leaves it in the database: held by that run on `worker`, with a
     heartbeat stamped `silent` ago. It is the job as that run knows it, `run_id` included."""
@@ -158,6 +159,7 @@ def running_job(
     return add_job(
         stack,
         JobStatus.RUNNING,
+        queue=queue,
         run_id=secrets.token_hex(16),
         worker=worker,
         attempts=lost_workers + 1,
@@ -459,6 +461,44 @@ def test_queued_jobs_whose_messages_wait_in_the_queue_are_not_sent_again(stack: 
 
     assert take_messages(stack) == [waiting[1].id]  # only the one that was there
     assert [stored(stack, job.id).enqueued_at for job in waiting] == [long_ago] * 2
+
+
+def test_a_job_s_message_goes_to_the_job_s_own_queue(stack: Stack):
+    """Routed to a worker class when it was created: the message the reconciler sends for a
+    job taken back from a lost worker, or for one stored without its message, goes there."""
+    taken_back = running_job(stack, queue="train-24g")
+    long_ago = utcnow() - timedelta(seconds=UNSENT_GRACE_SECONDS + 5)
+    unsent = add_job(stack, JobStatus.QUEUED, queue="train-80g", updated_at=long_ago)
+
+    stack.reconciler().reconcile()
+
+    assert stored(stack, taken_back.id).status == JobStatus.QUEUED
+    assert take_messages(stack, "train-24g") == [taken_back.id]
+    assert take_messages(stack, "train-80g") == [unsent.id]
+    assert take_messages(stack) == []
+
+
+def test_a_lost_message_is_sent_again_when_the_job_s_own_queue_is_empty(stack: Stack):
+    """A message waiting on another class's queue says nothing of this job's; one waiting on
+    its own queue (another job's, for a busy class) does."""
+    long_ago = utcnow() - timedelta(seconds=LOST_MESSAGE_SECONDS + 5)
+
+    def lost_on(queue: str) -> Job:
+        return add_job(
+            stack, JobStatus.QUEUED, queue=queue, enqueued_at=long_ago, updated_at=long_ago
+        )
+
+    lost, waiting, behind = lost_on("train-80g"), lost_on(TRAIN_QUEUE), lost_on("train-24g")
+    stack.queue.send_task(TRAIN_TASK, args=[waiting.id], queue=TRAIN_QUEUE)
+    stack.queue.send_task(TRAIN_TASK, args=["ftjob-another"], queue="train-24g")
+
+    stack.reconciler().reconcile()
+
+    assert take_messages(stack, "train-80g") == [lost.id]
+    assert stored(stack, lost.id).enqueued_at > long_ago
+    assert take_messages(stack) == [waiting.id]  # only the one that was there
+    assert take_messages(stack, "train-24g") == ["ftjob-another"]
+    assert [stored(stack, job.id).enqueued_at for job in (waiting, behind)] == [long_ago] * 2
 
 
 @pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])

@@ -60,6 +60,11 @@ class TrainingRun:
     resume_from: Path | None = None  # a trainer checkpoint of an earlier run of this job
     tokenized_from: Path | None = None  # the datasets an earlier run of this job tokenized
     adapter_from: Path | None = None  # the adapter of the fine-tuned model it continues
+    # A distributed run (`worker.training.distributed`): the trainer's output folder its ranks
+    # share (each writes its RNG state into the checkpoint), and whether this rank follows
+    # (trains, and leaves the adapter and the evaluation to rank 0).
+    trainer_dir: Path | None = None
+    follower: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ def _trainer_arguments(run: TrainingRun, config: JobConfig, evaluate: bool) -> d
     cuda = torch.cuda.is_available()
     dtype = compute_dtype(config.quantization.compute_dtype)
     return {
-        "output_dir": str(run.workdir / "trainer"),
+        "output_dir": str(run.trainer_dir or run.workdir / "trainer"),
         "num_train_epochs": hyper.n_epochs,
         "max_steps": training.max_steps or -1,
         "per_device_train_batch_size": hyper.batch_size,
@@ -269,7 +274,7 @@ def train(run: TrainingRun, reporter: Reporter) -> TrainingOutcome:
     keep_adapter_in_float32(model)
     trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     state = trainer.state
-    if callback.stopped_early:
+    if callback.stopped_early or run.follower:
         return TrainingOutcome(config, None, state.global_step, state.num_input_tokens_seen)
     adapter_dir = run.workdir / "adapter"
     model.save_pretrained(adapter_dir, selected_adapters=["default"])

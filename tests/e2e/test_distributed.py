@@ -1,0 +1,76 @@
+"""A job on two ranks (`resources.gpus: 2`): on this CPU machine, two gloo processes that
+torchrun starts, the code path of a multi-GPU node. It trains to success with one writer,
+and pausing it stops both ranks after one checkpoint; resumed, it ends with the very loss
+curve and adapter of the same two-rank job never paused."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+from afina.api.app import create_app
+from afina.core.settings import Settings
+from afina.core.storage import adapter_key
+from afina.models import JobCheckpoint
+from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
+from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
+from tests.e2e.test_worker_shutdown import wait_until
+from tests.support import LOCAL, rows
+
+STEPS = 16
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path) -> Settings:
+    return stack_settings(database_url, tmp_path)
+
+
+def test_a_two_rank_job_pauses_resumes_and_ends_as_one_never_paused(settings, demo_model):
+    with TestClient(create_app(settings), base_url=LOCAL) as api, worker_process(settings):
+        training = upload_id(api, arithmetic(64, seed=16))
+        body = {
+            "model": str(demo_model),
+            "training_file": training,
+            "seed": 4,
+            "hyperparameters": {"batch_size": 2},
+            "training": {"max_steps": STEPS, "save_steps": 100, "learning_rate": 3e-3},
+            "resources": {"gpus": 2},
+        }
+        job_id = create_job(api, **body)["id"]
+
+        def job(job_id: str = job_id) -> dict:
+            return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+
+        def curve(job_id: str = job_id) -> dict[int, float]:
+            series = api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
+            return {point["step"]: point["loss"] for point in series}
+
+        wait_until(lambda: job()["progress"]["steps_done"] >= 3, 120, "training never started")
+        assert api.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
+        paused = wait_for_job(api, settings, job_id, until=("paused",))
+        step = paused["progress"]["steps_done"]
+        # One writer: one checkpoint row, and both ranks' RNG state in the kept trainer state.
+        assert [c.step for c in rows(settings, JobCheckpoint) if c.job_id == job_id] == [step]
+        kept = Path(settings.storage_url) / "jobs" / job_id / "resume" / f"step-{step}"
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in kept.iterdir()}
+
+        assert api.post(f"/v1/fine_tuning/jobs/{job_id}/resume").status_code == 200
+        final = wait_for_job(api, settings, job_id, timeout=240)
+        assert final["status"] == "succeeded", final["error"]
+        uninterrupted_id = create_job(api, **body)["id"]
+        uninterrupted = wait_for_job(api, settings, uninterrupted_id, timeout=240)
+        assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
+
+        events = messages(api, job_id)
+        assert events.count("Training on 2 ranks (distributed data parallel)") == 2
+        assert f"Job paused: it resumes from step {step}" in events
+        assert len(curve()) == STEPS
+        assert curve() == curve(uninterrupted_id)
+        weights = [
+            load_file(Path(settings.storage_url) / adapter_key(j) / "adapter_model.safetensors")
+            for j in (job_id, uninterrupted_id)
+        ]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
