@@ -6,10 +6,12 @@ own (`afina_chaos_<random>`, dropped at the end) on the machine's PostgreSQL at
 127.0.0.1:5432, a Redis of its own (--redis-port, its append-only file on, so the queued
 messages outlive its restart), moto's S3 server (the artifacts, in a bucket of their own),
 `afina serve --no-worker` (the API and its reconciler) and three `afina worker` processes
-(one torch thread each). It uploads a chat dataset, submits 12 jobs of the demo model
-(30 steps of batch 4, a checkpoint every 5 steps: a metric row each step), and while they run
-it goes through the chaos schedule, one event at a time, each once a job is training
-mid-run and --spacing seconds after the last one:
+(one torch thread each). It uploads a chat dataset (`train_job.dataset`'s sums, each after
+a system message of --context-words words, so that the jobs train long enough for the
+schedule), submits 12 jobs of the demo model (30 steps of batch 4, a checkpoint every 5
+steps: a metric row each step, the same seed), and while they run it goes through the chaos
+schedule, one event at a time, each once a job is training mid-run and --spacing seconds
+after the last one:
 
     kill      SIGKILL to a worker training a job past its first checkpoint, between two
               (steps done not a multiple of save_steps), started again at once (a new
@@ -35,7 +37,7 @@ progress line every 10 s, and prints the figures, from the database and the buck
                                         job_checkpoints lists, whole in the bucket (target 0)
     loss curves, leftovers, log errors  distinct curves among the jobs (same seed, data and
                                         settings: one expected on the CPU), trainer states and
-                                        staged adapters left in the bucket, ERROR lines logged
+                                        staged adapters left in the bucket, ERROR records logged
     wall time                           first job created -> last job ended
 
 and exits non-zero if a target is missed, or the schedule could not be gone through. The
@@ -47,7 +49,9 @@ server at the time.
 """
 
 import argparse
+import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -90,11 +94,28 @@ S3_REGION = "us-east-1"
 # A job counts as training while its steps went up this recently.
 TRAINING_SECONDS = 2.0
 RESUME_FROM = re.compile(r"to resume from step (\d+)")
+ERROR_RECORD = re.compile(r"(?:^|: )(?:ERROR|CRITICAL)[ /]")
 CLOCK = time.monotonic()
 
 
 def say(message: str) -> None:
     print(f"{time.monotonic() - CLOCK:7.1f} s  {message}", flush=True)
+
+
+def chats(count: int, words: int) -> str:
+    """`train_job.dataset`'s sums, each after a system message of `words` words (the same
+    for all): longer examples, so that a job trains long enough for the schedule."""
+    if not words:
+        return dataset(count)
+    generator = random.Random(1)
+    vocabulary = ("the", "sum", "of", "two", "digits", "is", "asked", "and", "answered")
+    system = {"role": "system", "content": " ".join(generator.choices(vocabulary, k=words))}
+    lines = []
+    for line in dataset(count).splitlines():
+        example = json.loads(line)
+        example["messages"].insert(0, system)
+        lines.append(json.dumps(example) + "\n")
+    return "".join(lines)
 
 
 def free_port() -> int:
@@ -571,12 +592,12 @@ def leftovers(storage: ArtifactStorage, job_ids: list[str]) -> Counter[str]:
 
 
 def log_errors(paths: list[Path]) -> dict[str, int]:
+    """The ERROR and CRITICAL records of each log: afina's (`ERROR name: ...`) and Celery's
+    (`[time: ERROR/MainProcess] ...`)."""
     counts = {}
     for path in paths:
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        counts[path.name] = sum(
-            line.startswith(("ERROR", "CRITICAL")) or "] ERROR/" in line for line in lines
-        )
+        counts[path.name] = sum(bool(ERROR_RECORD.search(line)) for line in lines)
     return counts
 
 
@@ -680,8 +701,9 @@ def report(
         + ", ".join(f"{name} {number}" for name, number in left.items())
     )
     print(
-        "ERROR lines in the logs               "
+        "ERROR records in the logs             "
         + ", ".join(f"{name} {number}" for name, number in errors.items())
+        + "  (retries while a server restarts among them)"
     )
     wall_text = "unknown" if wall is None else f"{wall:.1f} s"
     print(f"wall time                             {wall_text} (first job created -> last ended)")
@@ -704,6 +726,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument(
+        "--context-words",
+        type=int,
+        default=100,
+        help="a system message this long in each example (100 words: about 300 tokens)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="max_steps (up to 50: a row a step)")
     parser.add_argument("--save-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -714,7 +742,7 @@ def main() -> None:
         choices=("kill", "redis", "postgres"),
         default=["kill", "redis", "kill", "postgres", "kill"],
     )
-    parser.add_argument("--spacing", type=float, default=5, help="seconds between events")
+    parser.add_argument("--spacing", type=float, default=4, help="seconds between events")
     parser.add_argument("--redis-down", type=float, default=2, help="seconds Redis stays stopped")
     parser.add_argument("--worker-timeout", type=float, default=6)
     parser.add_argument("--max-attempts", type=int, default=10)
@@ -738,14 +766,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="afina-chaos-"))
     model = workdir / "demo"
     subprocess.run([AFINA, "demo-model", str(model)], check=True, capture_output=True)
-    (workdir / "train.jsonl").write_text(dataset(args.examples))
+    (workdir / "train.jsonl").write_text(chats(args.examples, args.context_words))
     bucket = f"afina-chaos-{secrets.token_hex(4)}"
     s3_port, api_port = free_port(), free_port()
     endpoint = f"http://127.0.0.1:{s3_port}"
     plain = {name: value for name, value in os.environ.items() if not name.startswith("AFINA_")}
     plain |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(
-        f"{args.jobs} jobs ({args.examples} chat examples, {args.steps} steps of batch "
+        f"{args.jobs} jobs ({args.examples} chat examples with a {args.context_words}-word "
+        f"system message, {args.steps} steps of batch "
         f"{args.batch_size}, a checkpoint every {args.save_steps}), {args.workers} workers, "
         f"AFINA_WORKER_TIMEOUT_SECONDS={args.worker_timeout:g}, AFINA_MAX_ATTEMPTS="
         f"{args.max_attempts}; schedule: {' '.join(args.schedule)}, {args.spacing:g} s apart; "

@@ -102,3 +102,9 @@ def wait_for_job(
                 f"job {job_id} is {job['status']} after {timeout} s:\n{worker_log(settings)}"
             )
         time.sleep(0.2)
+
+
+def loss_curve(client: TestClient, job_id: str) -> dict[int, float]:
+    """The job's loss by step, as `/metrics` has it."""
+    series = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
+    return {point["step"]: point["loss"] for point in series}

@@ -14,7 +14,7 @@ from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key
 from afina.models import JobCheckpoint
-from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
+from tests.e2e.conftest import loss_curve, stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.e2e.test_worker_shutdown import wait_until
 from tests.support import LOCAL, rows
@@ -43,10 +43,6 @@ def test_a_two_rank_job_pauses_resumes_and_ends_as_one_never_paused(settings, de
         def job(job_id: str = job_id) -> dict:
             return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
 
-        def curve(job_id: str = job_id) -> dict[int, float]:
-            series = api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
-            return {point["step"]: point["loss"] for point in series}
-
         wait_until(lambda: job()["progress"]["steps_done"] >= 3, 120, "training never started")
         assert api.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
         paused = wait_for_job(api, settings, job_id, until=("paused",))
@@ -66,8 +62,8 @@ def test_a_two_rank_job_pauses_resumes_and_ends_as_one_never_paused(settings, de
         events = messages(api, job_id)
         assert events.count("Training on 2 ranks (distributed data parallel)") == 2
         assert f"Job paused: it resumes from step {step}" in events
-        assert len(curve()) == STEPS
-        assert curve() == curve(uninterrupted_id)
+        assert len(loss_curve(api, job_id)) == STEPS
+        assert loss_curve(api, job_id) == loss_curve(api, uninterrupted_id)
         weights = [
             load_file(Path(settings.storage_url) / adapter_key(j) / "adapter_model.safetensors")
             for j in (job_id, uninterrupted_id)

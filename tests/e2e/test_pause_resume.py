@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from afina.api.app import create_app
 from afina.core.settings import Settings
 from afina.models import JobCheckpoint
-from tests.e2e.conftest import stack_settings, wait_for_job, worker_process
+from tests.e2e.conftest import loss_curve, stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.e2e.test_worker_shutdown import wait_until
 from tests.support import LOCAL, assert_error, rows
@@ -38,10 +38,6 @@ def test_a_paused_job_frees_its_worker_and_resumes_with_the_same_results(setting
         def job(job_id: str = job_id) -> dict:
             return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
 
-        def curve(job_id: str = job_id) -> dict[int, float]:
-            series = api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
-            return {point["step"]: point["loss"] for point in series}
-
         wait_until(lambda: job()["progress"]["steps_done"] >= 3, 90, "training never started")
         asked = api.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
         assert asked.status_code == 200, asked.text
@@ -65,8 +61,8 @@ def test_a_paused_job_frees_its_worker_and_resumes_with_the_same_results(setting
         assert resumed.status_code == 200, resumed.text
         final = wait_for_job(api, settings, job_id)
         assert final["status"] == "succeeded", final["error"]
-        assert curve() == curve(uninterrupted_id)
-        assert len(curve()) == STEPS
+        assert loss_curve(api, job_id) == loss_curve(api, uninterrupted_id)
+        assert len(loss_curve(api, job_id)) == STEPS
         events = messages(api, job_id)
         assert "Pause requested: the job saves a checkpoint at its next step, then pauses" in events
         assert f"Job paused: it resumes from step {step}" in events
