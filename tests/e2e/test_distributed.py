@@ -1,8 +1,10 @@
 """A job on two ranks (`resources.gpus: 2`): on this CPU machine, two gloo processes that
 torchrun starts, the code path of a multi-GPU node. It trains to success with one writer,
 and pausing it stops both ranks after one checkpoint; resumed, it ends with the very loss
-curve and adapter of the same two-rank job never paused."""
+curve and adapter of the same two-rank job never paused. A stopping worker's ranks save and
+the job is queued again; the next worker resumes it, and a cancel stops both ranks."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from afina.api.app import create_app
 from afina.core.settings import Settings
-from afina.core.storage import adapter_key
+from afina.core.storage import adapter_key, resume_key
 from afina.models import JobCheckpoint
 from tests.e2e.conftest import loss_curve, stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
@@ -70,3 +72,44 @@ def test_a_two_rank_job_pauses_resumes_and_ends_as_one_never_paused(settings, de
         ]
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_stopping_worker_s_ranks_save_and_requeue_and_a_cancel_stops_both(settings, demo_model):
+    with TestClient(create_app(settings), base_url=LOCAL) as api:
+        training = upload_id(api, arithmetic(64, seed=17))
+        job_id = create_job(
+            api,
+            model=str(demo_model),
+            training_file=training,
+            training={"max_steps": 100_000},
+            resources={"gpus": 2},
+        )["id"]
+
+        def job() -> dict:
+            return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+
+        with worker_process(settings) as worker:
+            wait_until(lambda: job()["progress"]["steps_done"] >= 3, 120, "training never began")
+            worker.send_signal(signal.SIGTERM)  # the task asks its ranks to stop
+            assert worker.wait(60) == 0
+        stopped = job()
+        assert stopped["status"] == "queued"
+        saved = stopped["progress"]["steps_done"]
+        assert f"Worker shut down at step {saved}: the job is queued again and resumes from" in (
+            " ".join(messages(api, job_id))
+        )
+        kept = Path(settings.storage_url) / resume_key(job_id, saved)
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in kept.iterdir()}
+
+        with worker_process(settings):
+            wait_until(lambda: job()["progress"]["steps_done"] > saved, 120, "never resumed")
+            assert api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+            wait_until(
+                lambda: any(m.startswith("Training stopped") for m in messages(api, job_id)),
+                60,
+                "the ranks did not stop",
+            )
+        events = messages(api, job_id)
+        assert f"Resuming from the checkpoint saved at step {saved}" in events
+        assert job()["status"] == "cancelled"
+        assert not kept.exists()  # a cancelled job keeps nothing to resume from
