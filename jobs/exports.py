@@ -1,7 +1,8 @@
-"""Every state change of a merged export, each one conditional UPDATE (as `jobs.lifecycle`
-does for jobs): `queued -> running -> succeeded | failed`. A run holds its export by its
-`run_id`; an export whose worker stopped stamping its heartbeat fails (`lost`), and the
-caller asks for another: an export is quick to start again, and keeps no state to resume."""
+"""Every state change of a merged export, each one conditional UPDATE plus an event on its
+job (as `jobs.lifecycle` does for jobs): `queued -> running -> succeeded | failed`. A run
+holds its export by its `run_id`; an export whose worker stopped stamping its heartbeat fails
+(`lost`), and the caller asks for another: an export is quick to start again, and keeps no
+state to resume."""
 
 import secrets
 from datetime import datetime
@@ -10,7 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
-from afina.models import ExportStatus, JobExport
+from afina.models import ExportStatus, JobExport, new_event
 from afina.models.base import utcnow
 
 
@@ -22,15 +23,32 @@ def holds(export_id: str, run_id: str) -> ColumnElement[bool]:
     )
 
 
+def _change(
+    session: Session, where: ColumnElement[bool], values: dict[str, Any], message: str, **data: Any
+) -> list[str]:
+    """Update the exports `where` holds, with an event on each one's job (`{id}` in `message`
+    is the export's id); the ids of those changed."""
+    changed = session.execute(
+        update(JobExport).where(where).values(values).returning(JobExport.id, JobExport.job_id)
+    ).all()
+    for export_id, job_id in changed:
+        text = message.format(id=export_id)
+        session.add(new_event(job_id, text, data={"export_id": export_id, **data}))
+    return [export_id for export_id, _ in changed]
+
+
 def claim(session: Session, export_id: str) -> str | None:
     """Start a run of the export if it is queued: the run's id."""
     run_id = secrets.token_hex(16)
     now = utcnow()
-    claimed = session.execute(
-        update(JobExport)
-        .where(JobExport.id == export_id, JobExport.status == ExportStatus.QUEUED)
-        .values(status=ExportStatus.RUNNING, run_id=run_id, started_at=now, heartbeat_at=now)
-    ).rowcount
+    values = {
+        "status": ExportStatus.RUNNING,
+        "run_id": run_id,
+        "started_at": now,
+        "heartbeat_at": now,
+    }
+    where = (JobExport.id == export_id) & (JobExport.status == ExportStatus.QUEUED)
+    claimed = _change(session, where, values, "Export {id} started: merging the adapter")
     return run_id if claimed else None
 
 
@@ -43,14 +61,14 @@ def heartbeat(session: Session, export_id: str, run_id: str) -> bool:
 
 def succeed(session: Session, export_id: str, run_id: str, size: int) -> bool:
     values = {"status": ExportStatus.SUCCEEDED, "bytes": size, "finished_at": utcnow()}
-    return bool(
-        session.execute(update(JobExport).where(holds(export_id, run_id)).values(values)).rowcount
-    )
+    message = f"Export {{id}} succeeded: {size} bytes"
+    return bool(_change(session, holds(export_id, run_id), values, message, bytes=size))
 
 
-def fail(session: Session, where: ColumnElement[bool], error: dict[str, Any]) -> bool:
+def fail(session: Session, where: ColumnElement[bool], error: dict[str, Any]) -> list[str]:
+    """Fail the exports `where` holds with `error`; the ids of those failed."""
     values = {"status": ExportStatus.FAILED, "error": error, "finished_at": utcnow()}
-    return bool(session.execute(update(JobExport).where(where).values(values)).rowcount)
+    return _change(session, where, values, f"Export {{id}} failed: {error['message']}")
 
 
 def sent(session: Session, export_id: str) -> None:
@@ -60,38 +78,28 @@ def sent(session: Session, export_id: str) -> None:
 def fail_lost(session: Session, silent_since: datetime) -> list[str]:
     """Fail the running exports whose heartbeat is older than `silent_since`: their worker
     is gone (killed, out of memory). The ids of those failed."""
-    lost = session.scalars(
-        select(JobExport.id).where(
-            JobExport.status == ExportStatus.RUNNING, JobExport.heartbeat_at < silent_since
-        )
-    ).all()
     error = {
         "code": "worker_lost",
         "message": "the worker merging this export stopped (killed, or out of memory: merging "
         "loads the whole base model in 16-bit); create another export",
         "param": None,
     }
-    where = JobExport.status == ExportStatus.RUNNING
-    return [
-        export_id
-        for export_id in lost
-        if fail(
-            session,
-            where & (JobExport.id == export_id) & (JobExport.heartbeat_at < silent_since),
-            error,
-        )
-    ]
+    silent = (JobExport.status == ExportStatus.RUNNING) & (JobExport.heartbeat_at < silent_since)
+    return fail(session, silent, error)
 
 
 def unsent(session: Session, stored_before: datetime) -> list[str]:
     """Queued exports stored before `stored_before` whose message was never sent (their API
     process died between the two)."""
-    return list(
-        session.scalars(
-            select(JobExport.id).where(
-                JobExport.status == ExportStatus.QUEUED,
-                JobExport.enqueued_at.is_(None),
-                JobExport.created_at < stored_before,
-            )
-        )
-    )
+    return _queued(session, JobExport.enqueued_at.is_(None), JobExport.created_at < stored_before)
+
+
+def long_sent(session: Session, sent_before: datetime) -> list[str]:
+    """Queued exports whose message went before `sent_before`: lost, when the export queue
+    holds none (the worker that took it died before it could claim the export)."""
+    return _queued(session, JobExport.enqueued_at < sent_before)
+
+
+def _queued(session: Session, *conditions: ColumnElement[bool]) -> list[str]:
+    query = select(JobExport.id).where(JobExport.status == ExportStatus.QUEUED, *conditions)
+    return list(session.scalars(query.order_by(JobExport.created_at)))

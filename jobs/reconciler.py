@@ -15,7 +15,8 @@ change it makes is a conditional UPDATE) and every few seconds:
   claim the job or hand the message back; the embedded broker never delivers a message
   twice);
 - fails a merged export whose worker stopped stamping its heartbeat (an export keeps nothing
-  to resume: the caller asks for another), and sends the message of one stored without it;
+  to resume: the caller asks for another), and sends the message of a queued one that has
+  none (stored without it, or whose message was lost as a job's can be);
 - keeps the space reserve of a SQLite database (`core.disk`) in place once its disk has room.
 
 A heartbeat is only as old as the database lets it be: while the database takes no writes
@@ -42,7 +43,7 @@ from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, latest_resume_step
 from afina.jobs import exports, lifecycle
-from afina.jobs.queue import enqueue, enqueue_again, enqueue_export
+from afina.jobs.queue import EXPORT_QUEUE, enqueue, enqueue_again, enqueue_export
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
@@ -206,6 +207,9 @@ class Reconciler:
                 for export_id in exports.fail_lost(session, now - self.timeout):
                     logger.warning("export %s lost its worker: failed", export_id)
             unsent = exports.unsent(session, now - timedelta(seconds=UNSENT_GRACE_SECONDS))
+            lost = exports.long_sent(session, now - timedelta(seconds=LOST_MESSAGE_SECONDS))
+        if lost and self._queue_is_empty(EXPORT_QUEUE):  # lost, as `exports.long_sent` says
+            unsent += lost
         for export_id in unsent:
             logger.warning("export %s was queued without a message: sending it", export_id)
             try:

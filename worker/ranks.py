@@ -4,10 +4,11 @@ for a run of one process (`job_runner.finish`).
 
 The task process keeps the job's heartbeat and fetches the run's inputs once; rank 0 writes
 the job's progress, metrics and checkpoints through a `JobRecorder` of the same run (so the
-run's fencing holds), and hands its outcome back in a file. A worker that is stopping asks
-the ranks to stop through a file in the run's folder: they save a checkpoint at the next
-step, and the job is queued again, as for one process. On a node without GPUs the ranks are
-CPU processes (gloo): the same code path, which is how it is tested."""
+run's fencing holds), and hands its outcome back in a file; a rank that fails writes its
+error and exits, and torchrun stops the others. A worker that is stopping asks the ranks to
+stop through a file in the run's folder: they save a checkpoint at the next step, and the
+job is queued again, as for one process. On a node without GPUs the ranks are CPU processes
+(gloo): the same code path, which is how it is tested."""
 
 import json
 import logging
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 STOP_FILE = "stop"
 OUTCOME_FILE = "outcome.pickle"
+ERROR_FILE = ".error.pickle"  # `rank-{n}.error.pickle`: what made rank n fail
 
 
 def train_on_ranks(
@@ -62,18 +64,19 @@ def train_on_ranks(
                 (folder / STOP_FILE).touch()
             time.sleep(POLL_SECONDS)
     outcome = folder / OUTCOME_FILE
-    if not outcome.exists():
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        raise TrainingFailure(
-            "training_error",
-            f"a rank of the distributed run stopped (exit {process.returncode}): {tail[0][:300]}",
-        )
-    # Written by rank 0 of this run, in the run's own folder.
-    ended: dict[str, Any] = pickle.loads(outcome.read_bytes())  # noqa: S301
-    if "error" in ended:
-        raise ended["error"]
-    recorder.steps_done, recorder.pausing = ended["steps_done"], ended["pausing"]
-    return ended["outcome"]
+    if outcome.exists():
+        # Written by rank 0 of this run, in the run's own folder.
+        ended: dict[str, Any] = pickle.loads(outcome.read_bytes())  # noqa: S301
+        recorder.steps_done, recorder.pausing = ended["steps_done"], ended["pausing"]
+        return ended["outcome"]
+    failed = sorted(folder.glob(f"*{ERROR_FILE}"), key=lambda path: path.stat().st_mtime)
+    if failed:  # the first rank that failed says why (the others stopped for it)
+        raise pickle.loads(failed[0].read_bytes())  # noqa: S301 (a rank of this run wrote it)
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    raise TrainingFailure(
+        "training_error",
+        f"a rank of the distributed run stopped (exit {process.returncode}): {tail[0][:300]}",
+    )
 
 
 def _rank_main(job_id: str, run_id: str, folder: Path) -> None:
@@ -99,17 +102,20 @@ def _rank_main(job_id: str, run_id: str, folder: Path) -> None:
         follower=rank > 0,
     )
     try:
-        ended: dict[str, Any] = {"outcome": train(run, reporter)}
+        outcome = train(run, reporter)
     except Exception as error:
+        # Written for the task, and a failing exit, so that torchrun stops the other ranks
+        # at once rather than leave them waiting for this one in a collective.
         logger.exception("rank %d of job %s failed", rank, job_id)
-        ended = {"error": error}
-    if recorder is not None:
-        ended |= {"steps_done": recorder.steps_done, "pausing": recorder.pausing}
         try:  # the error as itself, for the task to name (out of memory, a full disk ...)
-            kept = pickle.dumps(ended)
+            kept = pickle.dumps(error)
         except Exception:
-            kept = pickle.dumps(ended | {"error": _failure(ended["error"])})
-        (folder / OUTCOME_FILE).write_bytes(kept)
+            kept = pickle.dumps(_failure(error))
+        (folder / f"rank-{rank}{ERROR_FILE}").write_bytes(kept)
+        sys.exit(1)
+    if recorder is not None:
+        ended = {"outcome": outcome, "steps_done": recorder.steps_done, "pausing": recorder.pausing}
+        (folder / OUTCOME_FILE).write_bytes(pickle.dumps(ended))
     dist.destroy_process_group()
     services.close()
 

@@ -102,9 +102,7 @@ def train_job(self: Task, job_id: str) -> None:
         if shutdown_requested.is_set():
             _hand_back(job_id)
             raise Reject(reason="the worker is shutting down", requeue=True) from error
-        delay = min(
-            CLAIM_RETRY_DELAY_SECONDS * 2**self.request.retries, CLAIM_RETRY_LONGEST_SECONDS
-        )
+        delay = _retry_delay(self)
         logger.warning(
             "could not claim job %s (%s); trying again in %.0f s",
             job_id,
@@ -116,13 +114,21 @@ def train_job(self: Task, job_id: str) -> None:
         raise Reject(reason="the worker is shutting down", requeue=True)
 
 
-@shared_task(name=EXPORT_TASK)
-def export_model(export_id: str) -> None:
+@shared_task(name=EXPORT_TASK, bind=True, max_retries=None)
+def export_model(self: Task, export_id: str) -> None:
     # A worker stopping mid-export fails it (the reconciler, once its heartbeat is old): a
     # merge keeps nothing to resume, and the caller asks for another.
     if shutdown_requested.is_set():
         raise Reject(reason="the worker is shutting down", requeue=True)
-    run_export(_context(), export_id)
+    try:
+        run_export(_context(), export_id)
+    except SQLAlchemyError as error:  # could not claim it, or record how it ended: later
+        raise self.retry(exc=error, countdown=_retry_delay(self)) from error
+
+
+def _retry_delay(task: Task) -> float:
+    """A pause before the next try that doubles up to `CLAIM_RETRY_LONGEST_SECONDS`."""
+    return min(CLAIM_RETRY_DELAY_SECONDS * 2**task.request.retries, CLAIM_RETRY_LONGEST_SECONDS)
 
 
 def _hand_back(job_id: str) -> None:

@@ -489,7 +489,7 @@ def cancel_job(job: OwnedJob, db: DbDep, storage: StorageDep, reserve: ReserveDe
         raise APIError(
             409,
             f"Job {job.id} has already {job.status}: only a job that is validating files, "
-            "queued or running can be cancelled",
+            "queued, running or paused can be cancelled",
             param="id",
             code="job_not_cancellable",
         )

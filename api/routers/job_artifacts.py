@@ -19,7 +19,7 @@ from afina.api.downloads import stream_download
 from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage
 from afina.api.routers.fine_tuning import OwnedJob, PageDep, job_page, owned_job
-from afina.api.schemas.exports import ExportCreate, ExportObject
+from afina.api.schemas.exports import MAX_STEP, ExportCreate, ExportObject
 from afina.core.archive import stored_members, text_member, write_archive
 from afina.core.ids import new_id
 from afina.core.model_card import model_card
@@ -110,7 +110,9 @@ def download_adapter(
     job: OwnedJob,
     db: DbDep,
     storage: StorageDep,
-    checkpoint: Annotated[int | None, Query(ge=1, description="A checkpoint's step.")] = None,
+    checkpoint: Annotated[
+        int | None, Query(ge=1, le=MAX_STEP, description="A checkpoint's step.")
+    ] = None,
 ) -> FileResponse:
     """Unpacked, `PeftModel.from_pretrained(base, folder)` loads it."""
     key, name = _trained(db, job, checkpoint)

@@ -2,6 +2,7 @@
 a fine-tuned model."""
 
 from fastapi import APIRouter, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from afina.api.deps import DbDep, ProjectDep, SettingsDep, StorageDep
@@ -18,6 +19,7 @@ from afina.core.fields import shown
 from afina.core.settings import Settings
 from afina.core.storage import job_key
 from afina.jobs import lifecycle
+from afina.models import UNFINISHED, Job
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*KEYED))
 
@@ -42,7 +44,9 @@ def retrieve_model(
     return found or ModelObject(id=spec.name, created=0, owned_by=project, parent=spec.base.model)
 
 
-@router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(400, 404))
+@router.delete(
+    "/{model:path}", response_model=ModelDeleted, responses=error_responses(400, 404, 409)
+)
 def delete_model(
     model: str, request: Request, db: DbDep, project: ProjectDep, storage: StorageDep
 ) -> ModelDeleted:
@@ -64,6 +68,17 @@ def delete_model(
             "deleted here)",
             param="model",
             code="model_not_found",
+        )
+    continuing = db.scalar(
+        select(Job.id).where(Job.parent_job_id == job.id, Job.status.in_(UNFINISHED)).limit(1)
+    )
+    if continuing is not None:  # its next run starts from this model's adapter
+        raise APIError(
+            409,
+            f"Job {continuing} trains {shown(model)} further and has not ended: cancel it or "
+            "let it end, then delete the model",
+            param="model",
+            code="model_in_use",
         )
     lifecycle.delete_model(db, job.id, model)
     db.commit()

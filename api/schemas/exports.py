@@ -9,6 +9,8 @@ from afina.api.schemas.jobs import JobError
 from afina.core.job_config import integer
 from afina.models import ExportStatus, JobExport
 
+# The largest step a checkpoint name can carry (`ftjob-...:ckpt-step-N`, nine digits).
+MAX_STEP = 999_999_999
 GGUF_REFUSED = (
     "format 'gguf' is not offered: no maintained converter from Hugging Face weights to GGUF "
     "installs from the package registries; export 'merged' and convert that folder with "
@@ -25,7 +27,7 @@ class ExportCreate(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="The dtype the base is loaded, merged and saved in."
     )
-    checkpoint: integer(ge=1) | None = Field(  # type: ignore[valid-type]
+    checkpoint: integer(ge=1, le=MAX_STEP) | None = Field(  # type: ignore[valid-type]
         default=None,
         description="The step of a checkpoint to export; the final model when left out.",
     )

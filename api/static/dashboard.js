@@ -208,7 +208,7 @@ function jobPage(jobId) {
     if (!FINAL.includes(job.status)) buttons.push(act("cancel"));
     if (["queued", "running"].includes(job.status) && !job.pause_requested) buttons.push(act("pause"));
     if (job.status === "paused") buttons.push(act("resume"));
-    if (job.fine_tuned_model) buttons.push(el("a", { href: `${root}/playground?model=${encodeURIComponent(job.fine_tuned_model)}` }, "Try it in the playground"));
+    if (job.fine_tuned_model && !job.model_deleted_at) buttons.push(el("a", { href: `${root}/playground?model=${encodeURIComponent(job.fine_tuned_model)}` }, "Try it in the playground"));
     actions.replaceChildren(...buttons);
     const points = metrics.data;
     const steps = points.map((p) => p.step);
@@ -331,10 +331,14 @@ function newJobPage() {
   const estimate = async () => {
     try {
       const result = await postJson("/v1/fine_tuning/jobs/estimate", jobBody());
-      const fits = result.fits?.workers?.length;
+      const fits = result.fits;
+      const verdict = !fits.checked ? "not checked: no worker is registered yet"
+        : fits.workers.length ? `${fits.workers.length} worker(s), on queue ${result.queue}`
+          : `none: it ${fits.reason} (change ${fits.param})`;
       plan.replaceChildren(el("pre", {}, JSON.stringify({
-        memory: result.memory, time: result.time, settings: result.settings,
-        fits: fits === undefined ? result.fits : `${fits} worker(s)`,
+        memory: result.memory, steps: result.steps,
+        estimated_seconds: result.estimated_seconds, estimated_from: result.estimated_from,
+        settings: result.settings, fits: verdict,
       }, null, 2)));
     } catch (error) {
       plan.replaceChildren(el("p", { class: "bad" }, error.message));

@@ -199,6 +199,8 @@ def test_the_new_job_page_estimates_and_creates_a_job(driver, server, http, demo
     driver.find_element(By.ID, "estimate-job").click()
     plan = wait(driver, lambda b: b.find_element(By.ID, "estimate").text or None)
     assert "memory" in plan
+    assert '"estimated_seconds":' in plan
+    assert "worker(s), on queue train" in plan  # the test's worker fits it
     screenshot(driver, "new-job")
     driver.find_element(By.ID, "create-job").click()
     wait(driver, lambda b: "/jobs/ftjob-" in b.current_url)

@@ -19,7 +19,7 @@ from afina.models import JobCheckpoint
 from tests.e2e.conftest import loss_curve, stack_settings, wait_for_job, worker_process
 from tests.e2e.test_training import arithmetic, create_job, messages, upload_id
 from tests.e2e.test_worker_shutdown import wait_until
-from tests.support import LOCAL, rows
+from tests.support import LOCAL, jsonl, rows
 
 STEPS = 16
 
@@ -113,3 +113,21 @@ def test_a_stopping_worker_s_ranks_save_and_requeue_and_a_cancel_stops_both(sett
         assert f"Resuming from the checkpoint saved at step {saved}" in events
         assert job()["status"] == "cancelled"
         assert not kept.exists()  # a cancelled job keeps nothing to resume from
+
+
+def test_a_rank_s_error_is_the_job_s(settings, demo_model):
+    long_prompts = jsonl(*({"prompt": "word " * 40, "completion": " answer"} for _ in range(4)))
+    with TestClient(create_app(settings), base_url=LOCAL) as api, worker_process(settings):
+        job = create_job(
+            api,
+            model=str(demo_model),
+            training_file=upload_id(api, long_prompts),
+            training={"max_seq_length": 16},
+            resources={"gpus": 2},
+        )
+        failed = wait_for_job(api, settings, job["id"], timeout=120)
+    assert failed["status"] == "failed"
+    assert (failed["error"]["code"], failed["error"]["param"]) == (
+        "no_trainable_examples",
+        "training_file",
+    )

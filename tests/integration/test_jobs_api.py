@@ -732,3 +732,32 @@ def test_a_job_cannot_train_on_a_result_file_which_lists_under_its_purpose(clien
     for param in ("training_file", "validation_file"):
         assert_error(create(client, {**body, param: result.id}), 400, param, "invalid_file_purpose")
     assert rows(settings, Job) == []
+
+
+def test_a_model_an_unfinished_job_trains_further_cannot_be_deleted(client, settings):
+    parent = job_row(project="default", status=JobStatus.SUCCEEDED, model="org/base")
+    parent.fine_tuned_model = parent.fine_tuned_model_name()
+    child = job_row(project="default", status=JobStatus.PAUSED, parent_job_id=parent.id)
+    add_rows(settings, parent, child)
+    refused = client.delete(f"/v1/models/{parent.fine_tuned_model}")
+    error = assert_error(refused, 409, "model", "model_in_use")
+    assert child.id in error["message"]
+    assert [row.model_deleted_at for row in rows(settings, Job) if row.id == parent.id] == [None]
+    assert client.post(f"/v1/fine_tuning/jobs/{child.id}/cancel").status_code == 200
+    deleted = client.delete(f"/v1/models/{parent.fine_tuned_model}")
+    assert deleted.json() == {"id": parent.fine_tuned_model, "object": "model", "deleted": True}
+
+
+def test_a_checkpoint_step_past_any_name_is_a_400_not_an_overflow(client, settings):
+    job = job_row(project="default", status=JobStatus.SUCCEEDED)
+    job.fine_tuned_model = job.fine_tuned_model_name()
+    add_rows(settings, job)
+    huge = 10**20
+    downloaded = client.get(f"/v1/fine_tuning/jobs/{job.id}/adapter", params={"checkpoint": huge})
+    assert_error(downloaded, 400, "checkpoint")
+    exported = client.post(
+        f"/v1/fine_tuning/jobs/{job.id}/exports", json={"format": "merged", "checkpoint": 1e20}
+    )
+    assert_error(exported, 400, "checkpoint")
+    missing = client.get(f"/v1/fine_tuning/jobs/{job.id}/adapter", params={"checkpoint": 10**9 - 1})
+    assert_error(missing, 404, "checkpoint", "checkpoint_not_found")

@@ -410,6 +410,16 @@ def test_an_export_whose_worker_went_silent_fails_and_an_unsent_one_is_sent(stac
     assert take_messages(stack, EXPORT_QUEUE, EXPORT_TASK) == [unsent]
     assert found[just_created].enqueued_at is None
     assert take_messages(stack) == []
+    assert [event.message for event in events(stack, job.id)] == [
+        f"Export {silent} failed: {found[silent].error['message']}"
+    ]
+
+    # Its message taken by a worker that died before claiming it: sent again once the
+    # export queue holds none.
+    sent_long_ago = utcnow() - timedelta(seconds=LOST_MESSAGE_SECONDS + 5)
+    lost = export(ExportStatus.QUEUED, created_at=sent_long_ago, enqueued_at=sent_long_ago)
+    stack.reconciler().reconcile()
+    assert take_messages(stack, EXPORT_QUEUE, EXPORT_TASK) == [lost]
 
 
 def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(stack: Stack):
