@@ -5,12 +5,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-import fastapi.routing
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from afina.api import metrics
+from afina.api.asgi import all_routes
 from afina.api.auth import ApiKeyAuth
 from afina.api.database import DatabaseThreads
 from afina.api.errors import install_error_handlers
@@ -101,12 +101,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         limit=settings.max_concurrent_requests,
         max_queue_seconds=settings.max_queue_seconds,
     )
-    # Since FastAPI 0.137 an included router is one entry of `app.routes`: this opens them.
-    flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
     app.add_middleware(
         HttpMetricsMiddleware,
         metrics=HttpMetrics(app.state.metrics),
-        templates=RouteTemplates(lambda: flatten(app.routes)),
+        templates=RouteTemplates(lambda: all_routes(app.routes)),
     )
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -1,13 +1,23 @@
 """What the pure ASGI middlewares (keys, body limits) read of a request before routing."""
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
+import fastapi.routing
+from starlette.routing import BaseRoute
 from starlette.types import Scope
 
 # The event loop's time (`loop.time()`) at which the server had the request's headers:
 # `api.server` sets it, `api.limits.ConcurrencyLimit` reads how long the request waited.
 RECEIVED_AT = "afina.received_at"
+
+
+def all_routes(routes: Sequence[BaseRoute]) -> Iterable[BaseRoute]:
+    """Every route of an app's `routes`, those of the routers it includes too: since FastAPI
+    0.137 an included router is one opaque entry there, which `iter_route_contexts` (what
+    FastAPI's OpenAPI schema is built from) opens."""
+    return getattr(fastapi.routing, "iter_route_contexts", iter)(routes)
 
 
 def route_path(scope: Scope) -> str:

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
-import fastapi.routing
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from afina.api.asgi import all_routes
 from afina.core.datasets import json_limit_reason
 from afina.core.disk import is_disk_full
 from afina.core.fields import field_path
@@ -172,14 +172,11 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
 def _allowed_methods(request: Request) -> str:
     """Every method the request's path takes. Starlette's own `Allow` names only the first
     route that matched the path, and one path often has a route per method."""
-    # Since FastAPI 0.137 an included router is one opaque entry of `app.routes`;
-    # `iter_route_contexts` opens it.
     # A path named literally by some route (`/v1/fine_tuning/jobs/estimate`) is that route's
     # resource, though a route with a parameter (`/v1/fine_tuning/jobs/{job_id}`) matches it.
-    flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
     literal: set[str] = set()
     templated: set[str] = set()
-    for route in flatten(request.app.routes):
+    for route in all_routes(request.app.routes):
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             path = getattr(route, "path", "")

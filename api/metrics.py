@@ -57,14 +57,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
 from afina.jobs import workers
-from afina.jobs.queue import EXPORT_QUEUE, TRAIN_QUEUE
-from afina.models import Job, JobMetric, JobStatus, Worker
+from afina.jobs.queue import EXPORT_QUEUE, TRAIN_QUEUE, message_counts
+from afina.models import FINAL, Job, JobMetric, JobStatus, Worker
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 # Job run times: a minute to three days.
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 # A broker that does not answer at once leaves its families out of this scrape.
@@ -105,7 +104,7 @@ class ServiceCollector:
             yield from _worker_families(live)
             queues.update(name for worker in live for name in workers.queues_of(worker))
         try:
-            depths = self._queue_depths(sorted(queues))
+            depths = message_counts(self.celery, sorted(queues), timeout=BROKER_TIMEOUT_SECONDS)
         except Exception as error:
             logger.warning("metrics: could not count the broker's messages (%r)", error)
             yield _up("afina_broker_up", "Whether this scrape could count the queues", 0)
@@ -117,16 +116,6 @@ class ServiceCollector:
             for name, depth in depths.items():
                 family.add_metric([name], depth)
             yield family
-
-    def _queue_depths(self, names: Sequence[str]) -> dict[str, int]:
-        """Messages waiting in each queue: declaring a queue counts them (what the reconciler
-        and the workers do too)."""
-        with self.celery.connection_for_read() as connection:
-            connection.ensure_connection(
-                max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT_SECONDS
-            )
-            channel = connection.default_channel
-            return {name: channel.queue_declare(queue=name).message_count for name in names}
 
 
 def _up(name: str, documentation: str, value: int) -> GaugeMetricFamily:

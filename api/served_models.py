@@ -104,6 +104,14 @@ def resolve_job(
     return _job_model(settings, storage, job, job_id, param)
 
 
+def checkpoint_saved(db: Session, job_id: str, step: int) -> bool:
+    """Whether the job saved a checkpoint at `step`."""
+    found = select(JobCheckpoint.id).where(
+        JobCheckpoint.job_id == job_id, JobCheckpoint.step == step
+    )
+    return db.scalar(found) is not None
+
+
 def find_trained(db: Session, project: str, name: str) -> tuple[Job | None, int | None]:
     """The caller's job behind a fine-tuned model name (`ft:...`) or a saved checkpoint
     (`{job id}:ckpt-step-{n}`), and the checkpoint's step; (None, None) when there is none
@@ -113,11 +121,7 @@ def find_trained(db: Session, project: str, name: str) -> tuple[Job | None, int 
         if job is not None and job.model_deleted_at is not None:
             return None, None
         step = int(checkpoint["step"])
-        saved = job is not None and db.scalar(
-            select(JobCheckpoint.id).where(
-                JobCheckpoint.job_id == job.id, JobCheckpoint.step == step
-            )
-        )
+        saved = job is not None and checkpoint_saved(db, job.id, step)
         return (job, step) if saved else (None, None)
     found = db.scalars(
         select(Job).where(

@@ -32,7 +32,10 @@ progress line every 10 s, and prints the figures, from the database and the buck
                                         checkpoint when the worker was lost (max over jobs,
                                         target 0: a run resumes from the newest checkpoint)
     metric rows duplicated / lost       each job must have one row for each of steps
-                                        1..total_steps (target 0 / 0)
+                                        1..total_steps (target 0 / 0); the table's key (job,
+                                        step) makes a duplicate impossible: a resumed run's
+                                        step overwrites its row, so 0 duplicated holds by
+                                        construction, and "lost" is the figure that tests
     artifacts missing                   each succeeded job's adapter and every checkpoint
                                         job_checkpoints lists, whole in the bucket (target 0)
     loss curves, leftovers, log errors  distinct curves among the jobs (same seed, data and
@@ -532,13 +535,6 @@ def outcome(engine: Engine, storage: ArtifactStorage, row: Any) -> Outcome:
             .where(JobEvent.job_id == row.id)
             .order_by(JobEvent.created_at, JobEvent.id)
         ).all()
-        steps = dict(
-            connection.execute(
-                select(JobMetric.step, func.count())
-                .where(JobMetric.job_id == row.id)
-                .group_by(JobMetric.step)
-            ).all()
-        )
         curve = tuple(
             tuple(point)
             for point in connection.execute(
@@ -547,6 +543,9 @@ def outcome(engine: Engine, storage: ArtifactStorage, row: Any) -> Outcome:
                 .order_by(JobMetric.step)
             ).all()
         )
+        # Rows by step (the table's key is (job, step): a step written twice is a row
+        # overwritten, so what is counted here are steps lost).
+        steps = Counter(step for step, *_ in curve)
         checkpoints = list(
             connection.scalars(
                 select(JobCheckpoint.step)

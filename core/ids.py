@@ -13,5 +13,11 @@ def new_id(prefix: str, length: int = 24) -> str:
     return prefix + "-" + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
+def checkpoint_name(job_id: str, step: int) -> str:
+    """A checkpoint's model name (`ftjob-...:ckpt-step-N`): what serving, training further,
+    downloads and exports take."""
+    return f"{job_id}:ckpt-step-{step}"
+
+
 def looks_like_id(value: str, prefix: str) -> bool:
     return value.startswith(prefix + "-") and _ID.match(value) is not None

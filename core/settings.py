@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, TypeAdapter, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from afina.core.job_config import QUEUE_PATTERN
@@ -23,6 +23,23 @@ API_KEY = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as
 # names a job's `resources.queue` takes, and at most this many a worker.
 QueueName = Annotated[str, Field(pattern=QUEUE_PATTERN)]
 MAX_WORKER_QUEUES = 16
+
+
+def _comma_separated(value: object) -> object:
+    """`a, b,c` -> ["a", "b", "c"]: what an environment variable holds for a list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+# A worker's queues, as AFINA_WORKER_QUEUES or `afina worker --queues` give them: in their
+# order, each once.
+WorkerQueues = Annotated[
+    list[QueueName],
+    Field(min_length=1, max_length=MAX_WORKER_QUEUES),
+    BeforeValidator(_comma_separated),
+    AfterValidator(lambda queues: list(dict.fromkeys(queues))),
+]
 
 
 def _in_data_dir(template: str) -> Callable[[dict[str, Any]], str]:
@@ -113,10 +130,8 @@ class Settings(BaseSettings):
         "has lost its worker: it is queued again (or failed after max_attempts). Workers stamp "
         "every sixth of it; the clocks of the API and worker machines must agree well within it.",
     )
-    worker_queues: Annotated[list[QueueName], NoDecode] = Field(
+    worker_queues: Annotated[WorkerQueues, NoDecode] = Field(
         default=["train", "export"],
-        min_length=1,
-        max_length=MAX_WORKER_QUEUES,
         description="The queues a worker takes tasks from, in order: `export` is merged "
         "exports', any other name a training queue (`train`, the default one, or a worker "
         "class's such as `train-80g`). A worker runs one task at a time; give exports a "
@@ -204,18 +219,10 @@ class Settings(BaseSettings):
         "before it fails with `disk_full`.",
     )
 
-    @field_validator("allowed_models", "api_keys", "worker_queues", mode="before")
+    @field_validator("allowed_models", "api_keys", mode="before")
     @classmethod
     def split_comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("worker_queues")
-    @classmethod
-    def each_queue_once(cls, queues: list[str]) -> list[str]:
-        """The queues in the order given, each once."""
-        return list(dict.fromkeys(queues))
+        return _comma_separated(value)
 
     @field_validator("api_keys")
     @classmethod
@@ -278,16 +285,10 @@ class Settings(BaseSettings):
         return url
 
 
-_WORKER_QUEUES = TypeAdapter(
-    Annotated[list[QueueName], Field(min_length=1, max_length=MAX_WORKER_QUEUES)]
-)
-
-
 def parse_worker_queues(value: str) -> list[str]:
     """A worker's queues written as AFINA_WORKER_QUEUES takes them (`train-80g,train`), in
     their order, each once; pydantic's ValidationError when a name or their number is wrong."""
-    names = [item.strip() for item in value.split(",") if item.strip()]
-    return list(dict.fromkeys(_WORKER_QUEUES.validate_python(names)))
+    return TypeAdapter(WorkerQueues).validate_python(value)
 
 
 def split_api_key(entry: str) -> tuple[str, str]:

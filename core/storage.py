@@ -78,6 +78,11 @@ def checkpoint_key(job_id: str, step: int | None = None) -> str:
     return base if step is None else f"{base}/step-{step}"
 
 
+def trained_key(job_id: str, step: int | None) -> str:
+    """The adapter of the job's fine-tuned model (`step` None), or of its checkpoint."""
+    return adapter_key(job_id) if step is None else checkpoint_key(job_id, step)
+
+
 def export_key(job_id: str, export_id: str | None = None) -> str:
     """A merged export's archive (`{export id}.tar.gz`); without an id, the folder of all of
     a job's exports."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from afina.jobs import exports
@@ -36,9 +36,17 @@ def training_queues(queues: Iterable[str]) -> list[str]:
     return [name for name in queues if name != EXPORT_QUEUE]
 
 
-def queue_of(session: Session, job_id: str) -> str:
-    """The training queue the job's messages go to."""
-    return session.scalar(select(Job.queue).where(Job.id == job_id)) or TRAIN_QUEUE
+def message_counts(
+    queue: Celery, names: Iterable[str], *, timeout: float | None = None
+) -> dict[str, int]:
+    """Messages waiting in each of the queues `names`: declaring a queue counts them (the
+    workers declare theirs too). Raises when the broker cannot be reached (within `timeout`
+    seconds, when given)."""
+    with queue.connection_for_read() as connection:
+        if timeout is not None:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        channel = connection.default_channel
+        return {name: channel.queue_declare(queue=name).message_count for name in names}
 
 
 def send(queue: Celery, job_id: str, name: str) -> None:
@@ -46,8 +54,9 @@ def send(queue: Celery, job_id: str, name: str) -> None:
     queue.send_task(TRAIN_TASK, args=[job_id], queue=name)
 
 
-def enqueue(queue: Celery, session: Session, job_id: str) -> None:
-    send(queue, job_id, queue_of(session, job_id))
+def enqueue(queue: Celery, session: Session, job_id: str, name: str) -> None:
+    """Send the job's message to its training queue `name` (`Job.queue`), and note it."""
+    send(queue, job_id, name)
     session.execute(
         update(Job).where(Job.id == job_id, Job.enqueued_at.is_(None)).values(enqueued_at=utcnow())
     )
@@ -60,7 +69,9 @@ def enqueue_export(queue: Celery, session: Session, export_id: str) -> None:
     session.commit()
 
 
-def enqueue_again(queue: Celery, session: Session, job_id: str, sent_before: datetime) -> bool:
+def enqueue_again(
+    queue: Celery, session: Session, job_id: str, name: str, sent_before: datetime
+) -> bool:
     """Send another message for a queued job whose message, sent before `sent_before`, was
     lost. The new time is written first, and only while the job is still queued with its
     message that old: of several reconcilers one sends it, and a database that takes no
@@ -73,7 +84,7 @@ def enqueue_again(queue: Celery, session: Session, job_id: str, sent_before: dat
     ).rowcount
     session.commit()
     if renewed:
-        send(queue, job_id, queue_of(session, job_id))
+        send(queue, job_id, name)
     return bool(renewed)
 
 

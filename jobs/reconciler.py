@@ -43,7 +43,13 @@ from afina.core.disk import MiB, SpaceReserve, free_bytes, sqlite_directory
 from afina.core.settings import Settings
 from afina.core.storage import ArtifactStorage, latest_resume_step
 from afina.jobs import exports, lifecycle
-from afina.jobs.queue import EXPORT_QUEUE, enqueue, enqueue_again, enqueue_export
+from afina.jobs.queue import (
+    EXPORT_QUEUE,
+    enqueue,
+    enqueue_again,
+    enqueue_export,
+    message_counts,
+)
 from afina.models import Job, JobStatus
 from afina.models.base import utcnow
 
@@ -155,11 +161,16 @@ class Reconciler:
         with self.session_factory() as session:
             lost = session.execute(
                 select(
-                    Job.id, Job.lost_workers, Job.heartbeat_at, Job.steps_done, Job.worker
+                    Job.id,
+                    Job.queue,
+                    Job.lost_workers,
+                    Job.heartbeat_at,
+                    Job.steps_done,
+                    Job.worker,
                 ).where(Job.status == JobStatus.RUNNING, lost_if)
             ).all()
-            unsent = session.scalars(
-                select(Job.id).where(
+            unsent = session.execute(
+                select(Job.id, Job.queue).where(
                     Job.status == JobStatus.QUEUED,
                     Job.enqueued_at.is_(None),
                     Job.updated_at < now - timedelta(seconds=UNSENT_GRACE_SECONDS),
@@ -178,17 +189,17 @@ class Reconciler:
             try:
                 certain = job.worker is not None and job.worker == dead_worker
                 if self._take_back(job, now, lost_if, certain) and broker_up:
-                    broker_up = self._send(job.id)
+                    broker_up = self._send(job.id, job.queue)
             except _TooSlow:
                 logger.warning("the database stalled taking back job %s: left as it is", job.id)
                 self._unhealthy()
             except Exception:
                 logger.exception("could not take back job %s; trying again later", job.id)
                 self._unhealthy()
-        for job_id in unsent:
+        for job_id, queue in unsent:
             if broker_up:
                 logger.warning("job %s was queued without a message: sending it", job_id)
-                broker_up = self._send(job_id)
+                broker_up = self._send(job_id, queue)
         # Each job's own queue: a message waiting there says the job's is not lost.
         empty: dict[str, bool] = {}
         for job_id, queue in long_sent:
@@ -197,7 +208,7 @@ class Reconciler:
             if queue not in empty:
                 empty[queue] = self._queue_is_empty(queue)
             if empty[queue]:
-                broker_up = self._send_again(job_id, sent_before)
+                broker_up = self._send_again(job_id, queue, sent_before)
         if broker_up:
             self._reconcile_exports(now)
 
@@ -279,17 +290,15 @@ class Reconciler:
         when the broker cannot say). Declaring the queue counts them; the workers declare it
         too."""
         try:
-            with self.queue.connection_for_read() as connection:
-                declared = connection.default_channel.queue_declare(queue=name)
-                return declared.message_count == 0
+            return message_counts(self.queue, [name])[name] == 0
         except Exception as error:
             logger.warning("could not count the messages of training queue %s (%r)", name, error)
             return False
 
-    def _send_again(self, job_id: str, sent_before: datetime) -> bool:
+    def _send_again(self, job_id: str, queue: str, sent_before: datetime) -> bool:
         try:
             with self.session_factory() as session:
-                if enqueue_again(self.queue, session, job_id, sent_before):
+                if enqueue_again(self.queue, session, job_id, queue, sent_before):
                     logger.warning(
                         "job %s has been queued for over %.0f s and the queue holds no message: "
                         "its message was lost, sending another",
@@ -301,10 +310,10 @@ class Reconciler:
             return False
         return True
 
-    def _send(self, job_id: str) -> bool:
+    def _send(self, job_id: str, queue: str) -> bool:
         try:
             with self.session_factory() as session:
-                enqueue(self.queue, session, job_id)
+                enqueue(self.queue, session, job_id, queue)
         except Exception as error:
             logger.warning("could not queue job %s (%r); trying again later", job_id, error)
             return False

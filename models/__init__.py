@@ -5,6 +5,7 @@ from afina.models.base import Base
 from afina.models.exports import ExportStatus, JobExport
 from afina.models.files import DATASET_PURPOSE, RESULTS_PURPOSE, File
 from afina.models.jobs import (
+    FINAL,
     UNFINISHED,
     Job,
     JobCheckpoint,
@@ -17,6 +18,7 @@ from afina.models.workers import Worker
 
 __all__ = [
     "DATASET_PURPOSE",
+    "FINAL",
     "RESULTS_PURPOSE",
     "UNFINISHED",
     "ApiKey",

@@ -39,6 +39,7 @@ from afina.core.job_config import (
 )
 from afina.core.settings import Settings
 from afina.jobs import workers
+from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
 from afina.models import Job, JobStatus, Worker
 from afina.models.session import make_engine, make_session_factory
 from afina.worker.demo_model import ModelShape, build_demo_model
@@ -331,6 +332,29 @@ def demo_model_in(root: Path, *, seed: int = 0, shape: ModelShape = ModelShape()
             building.rename(directory)
     return directory
 
+
+def take_messages(celery: Any, queue: str = TRAIN_QUEUE, task: str = TRAIN_TASK) -> list[str]:
+    """The job (or export) ids of the `task` messages waiting on `queue`, taken off it."""
+    ids = []
+    with celery.connection_for_write() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            assert message.headers["task"] == task
+            args, _kwargs, _embed = message.decode()
+            ids.append(args[0])
+    return ids
+
+
+# Eight chats of growing length (the estimate's tests count their tokens).
+GROWING_CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": "tell me " + "more " * n},
+            {"role": "assistant", "content": "sure " * (2 * n + 1)},
+        ]
+    }
+    for n in range(8)
+]
 
 # Ten chat examples: a training file that passes validation.
 CHAT = jsonl(

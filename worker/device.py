@@ -48,4 +48,4 @@ def this_device() -> Device:
         name = torch.cuda.get_device_name(0)
         return Device("cuda", name, total, free, cores, ranks_available())
     name = _proc_field(_CPUINFO, r"^model name\s*:(.*)$") or "CPU"
-    return Device("cpu", name, _meminfo_bytes("MemTotal"), free_memory(), cores, cores)
+    return Device("cpu", name, _meminfo_bytes("MemTotal"), free_memory(), cores, ranks_available())

@@ -11,15 +11,16 @@ import torch
 from peft import PeftModel
 
 from afina.core.archive import local_members, text_member, write_archive
-from afina.core.job_config import JobConfig, QuantizationSettings
+from afina.core.ids import checkpoint_name
+from afina.core.job_config import QuantizationSettings
 from afina.core.model_card import model_card
 from afina.core.model_loading import ModelLoadError, load_base_model, load_tokenizer
-from afina.core.storage import adapter_key, checkpoint_key, export_key
+from afina.core.storage import export_key
 from afina.jobs import exports
 from afina.models import Job, JobExport
 from afina.worker.heartbeat import Heartbeat
-from afina.worker.job_runner import WorkerContext
-from afina.worker.training.errors import TrainingFailure
+from afina.worker.job_runner import WorkerContext, fetch_adapter
+from afina.worker.training.errors import TrainingFailure, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,9 @@ def _claim(context: WorkerContext, export_id: str) -> tuple[JobExport, Job, str]
 def _export(context: WorkerContext, export: JobExport, job: Job, workdir: Path, out: Path) -> None:
     """Merge the export and pack it into `out`."""
     step = export.checkpoint_step
-    key = adapter_key(job.id) if step is None else checkpoint_key(job.id, step)
-    if not context.storage.names(key):
-        raise TrainingFailure("model_not_found", "the adapter was deleted before it was merged")
-    adapter = context.storage.local_directory(key, workdir / "adapter")
+    adapter = fetch_adapter(
+        context, job.id, step, workdir / "adapter", "the adapter was deleted before it was merged"
+    )
     merged = workdir / "merged"
     merge(
         job.model,
@@ -60,12 +60,12 @@ def _export(context: WorkerContext, export: JobExport, job: Job, workdir: Path, 
         merged,
         trust_remote_code=context.settings.trust_remote_code,
     )
-    name = job.fine_tuned_model if step is None else f"{job.id}:ckpt-step-{step}"
+    name = job.fine_tuned_model if step is None else checkpoint_name(job.id, step)
     card = model_card(
         name=name or job.id,
         job_id=job.id,
         base_model=job.model,
-        config=JobConfig.model_validate(job.config).model_dump(mode="json"),
+        config=job.config,  # a succeeded job's, stored resolved
         merged_dtype=export.dtype,
     )
     with out.open("wb") as archive:
@@ -83,9 +83,8 @@ def _as_failure(error: Exception) -> TrainingFailure:
         )
     if isinstance(error, ModelLoadError):
         return TrainingFailure("model_load_failed", str(error))
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
     return TrainingFailure(
-        "export_error", f"merging stopped with {type(error).__name__}: {first_line}"
+        "export_error", f"merging stopped with {type(error).__name__}: {first_line(error)}"
     )
 
 

@@ -33,12 +33,12 @@ from afina.core.settings import Settings
 from afina.core.storage import (
     ArtifactStorage,
     adapter_key,
-    checkpoint_key,
     file_key,
     latest_resume_step,
     resume_key,
     staged_adapter_key,
     tokenized_key,
+    trained_key,
 )
 from afina.jobs import lifecycle, result_files, workers
 from afina.jobs.retry import retried
@@ -48,7 +48,7 @@ from afina.worker.device import ranks_available
 from afina.worker.heartbeat import Heartbeat
 from afina.worker.process import shutdown_requested, this_worker
 from afina.worker.run_recorder import JobRecorder
-from afina.worker.training.errors import TrainingFailure
+from afina.worker.training.errors import TrainingFailure, first_line
 from afina.worker.training.run import TrainingOutcome, TrainingRun, train
 
 logger = logging.getLogger(__name__)
@@ -128,22 +128,29 @@ def _tokenized(context: WorkerContext, run: Run) -> Path | None:
     return context.storage.local_directory(tokenized_key(run.job_id), cache)
 
 
+def fetch_adapter(
+    context: WorkerContext, job_id: str, step: int | None, cache: Path, deleted: str
+) -> Path:
+    """The adapter of the job's fine-tuned model (`step` None) or of its checkpoint, as a local
+    directory; `model_not_found` saying `deleted` when it is gone."""
+    key = trained_key(job_id, step)
+    if not context.storage.names(key):
+        raise TrainingFailure("model_not_found", deleted, "model")
+    return context.storage.local_directory(key, cache)
+
+
 def _parent_adapter(context: WorkerContext, job: Job, run: Run) -> Path | None:
     """The adapter of the fine-tuned model or checkpoint the job trains further, as a local
     directory."""
     if job.parent_job_id is None:
         return None
-    if job.parent_step is None:
-        key = adapter_key(job.parent_job_id)
-    else:
-        key = checkpoint_key(job.parent_job_id, job.parent_step)
-    if not context.storage.names(key):
-        raise TrainingFailure(
-            "model_not_found",
-            f"the fine-tuned model {job.parent_model!r} was deleted before training",
-            "model",
-        )
-    return context.storage.local_directory(key, workdir(context, run) / "parent")
+    return fetch_adapter(
+        context,
+        job.parent_job_id,
+        job.parent_step,
+        workdir(context, run) / "parent",
+        f"the fine-tuned model {job.parent_model!r} was deleted before training",
+    )
 
 
 @dataclass(frozen=True)
@@ -193,15 +200,15 @@ def training_run(
 
 
 def _train(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
-    inputs = fetch_inputs(context, job, recorder)
-    ranks = JobConfig.model_validate(job.config).resources.gpus
-    if ranks > ranks_available():
+    ranks, available = JobConfig.model_validate(job.config).resources.gpus, ranks_available()
+    if ranks > available:  # before anything is fetched
         raise TrainingFailure(
             "too_few_gpus",
-            f"the job asks for {ranks} GPUs of one node and this worker has "
-            f"{ranks_available()}: route it to a worker that has (resources.queue)",
+            f"the job asks for {ranks} GPUs of one node and this worker has {available}: "
+            "route it to a worker that has (resources.queue)",
             "resources.gpus",
         )
+    inputs = fetch_inputs(context, job, recorder)
     if ranks > 1:
         from afina.worker.ranks import train_on_ranks  # it imports this module
 
@@ -410,7 +417,7 @@ def _clean_up_if_ended(context: WorkerContext, job_id: str) -> None:
         shutil.rmtree(_job_workdir(context, job_id), ignore_errors=True)
 
 
-def _as_failure(error: BaseException, job: Job) -> TrainingFailure:
+def as_failure(error: BaseException, job: Job) -> TrainingFailure:
     if isinstance(error, TrainingFailure):
         return error
     if isinstance(error, torch.OutOfMemoryError):
@@ -424,18 +431,14 @@ def _as_failure(error: BaseException, job: Job) -> TrainingFailure:
     if is_disk_full(error):
         return TrainingFailure(
             "disk_full",
-            f"the disk stayed full (AFINA_DISK_FULL_WAIT_SECONDS): {_first_line(error)}; free "
+            f"the disk stayed full (AFINA_DISK_FULL_WAIT_SECONDS): {first_line(error)}; free "
             "some space, then train again from the job's last checkpoint",
         )
     if isinstance(error, SQLAlchemyError):  # its text holds SQL: for the log, not the user
         return TrainingFailure("internal_error", "the worker could not update the database")
     return TrainingFailure(
-        "training_error", f"training stopped with {type(error).__name__}: {_first_line(error)}"
+        "training_error", f"training stopped with {type(error).__name__}: {first_line(error)}"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
 
 
 def run_job(context: WorkerContext, job_id: str) -> bool:
@@ -454,7 +457,7 @@ def run_job(context: WorkerContext, job_id: str) -> bool:
                 requeued = _run(context, job, recorder)
             except Exception as error:
                 logger.exception("job %s failed", job.id)
-                fail(context, run, _as_failure(error, job))
+                fail(context, run, as_failure(error, job))
     finally:
         shutil.rmtree(workdir(context, run), ignore_errors=True)
         try:

@@ -26,7 +26,7 @@ from afina.core.settings import get_settings
 from afina.jobs.run import Run
 from afina.models import Job
 from afina.services.root import Services
-from afina.worker.job_runner import Inputs, WorkerContext, training_run, workdir
+from afina.worker.job_runner import Inputs, WorkerContext, as_failure, training_run, workdir
 from afina.worker.process import shutdown_requested
 from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.distributed import RankReporter, start_rank
@@ -110,7 +110,7 @@ def _rank_main(job_id: str, run_id: str, folder: Path) -> None:
         try:  # the error as itself, for the task to name (out of memory, a full disk ...)
             kept = pickle.dumps(error)
         except Exception:
-            kept = pickle.dumps(_failure(error))
+            kept = pickle.dumps(as_failure(error, job))
         (folder / f"rank-{rank}{ERROR_FILE}").write_bytes(kept)
         sys.exit(1)
     if recorder is not None:
@@ -118,13 +118,6 @@ def _rank_main(job_id: str, run_id: str, folder: Path) -> None:
         (folder / OUTCOME_FILE).write_bytes(pickle.dumps(ended))
     dist.destroy_process_group()
     services.close()
-
-
-def _failure(error: Exception) -> TrainingFailure:
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    return TrainingFailure(
-        "training_error", f"training stopped with {type(error).__name__}: {first_line}"
-    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,8 @@ NAV = (
     ("/files", "files", "Files"),
     ("/playground", "playground", "Playground"),
 )
-PAGES = {"/": "jobs", "/new": "new", "/files": "files", "/playground": "playground"}
-TITLES = {
-    "jobs": "Jobs",
-    "new": "New job",
-    "files": "Files",
-    "playground": "Playground",
-    "job": "Job",
-}
+PAGES = {path: page for path, page, _ in NAV}
+TITLES = {page: title for _, page, title in NAV} | {"job": "Job"}
 # Scripts, styles and requests from this origin only; no inline script or style, no frames.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

@@ -358,7 +358,7 @@ def create_job(
     )
     db.commit()
     try:
-        enqueue(queue, db, job.id)
+        enqueue(queue, db, job.id, job.queue)
     except Exception as error:
         logger.error("could not queue job %s: %s", job.id, error)
         db.rollback()
@@ -531,7 +531,7 @@ def resume_job(job: OwnedJob, db: DbDep, queue: QueueDep) -> JobObject:
             code="job_not_paused",
         )
     try:
-        enqueue(queue, db, job.id)
+        enqueue(queue, db, job.id, job.queue)
     except Exception as error:  # it is queued without a message: the reconciler sends one
         logger.warning("could not queue resumed job %s (%r)", job.id, error)
         db.rollback()

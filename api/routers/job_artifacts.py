@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
@@ -20,12 +20,13 @@ from afina.api.errors import KEYED, APIError, error_responses, not_found
 from afina.api.pagination import ListPage
 from afina.api.routers.fine_tuning import OwnedJob, PageDep, job_page, owned_job
 from afina.api.schemas.exports import MAX_STEP, ExportCreate, ExportObject
+from afina.api.served_models import checkpoint_saved
 from afina.core.archive import stored_members, text_member, write_archive
-from afina.core.ids import new_id
+from afina.core.ids import checkpoint_name, new_id
 from afina.core.model_card import model_card
-from afina.core.storage import ArtifactStorage, adapter_key, checkpoint_key, export_key
+from afina.core.storage import ArtifactStorage, export_key, trained_key
 from afina.jobs.queue import enqueue_export
-from afina.models import ExportStatus, Job, JobCheckpoint, JobExport, JobStatus
+from afina.models import ExportStatus, Job, JobExport, JobStatus
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*KEYED)
@@ -55,13 +56,8 @@ def _trained(db: Session, job: Job, checkpoint: int | None) -> tuple[str, str]:
                 param="id",
                 code="job_not_succeeded",
             )
-        return adapter_key(job.id), job.fine_tuned_model
-    saved = db.scalar(
-        select(JobCheckpoint.id).where(
-            JobCheckpoint.job_id == job.id, JobCheckpoint.step == checkpoint
-        )
-    )
-    if not saved:
+        return trained_key(job.id, None), job.fine_tuned_model
+    if not checkpoint_saved(db, job.id, checkpoint):
         raise APIError(
             404,
             f"Job {job.id} saved no checkpoint at step {checkpoint} (GET .../checkpoints "
@@ -69,7 +65,7 @@ def _trained(db: Session, job: Job, checkpoint: int | None) -> tuple[str, str]:
             param="checkpoint",
             code="checkpoint_not_found",
         )
-    return checkpoint_key(job.id, checkpoint), f"{job.id}:ckpt-step-{checkpoint}"
+    return trained_key(job.id, checkpoint), checkpoint_name(job.id, checkpoint)
 
 
 def _archive(storage: ArtifactStorage, job: Job, key: str, name: str, folder: str) -> str:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from afina.api.schemas.files import unix_seconds
+from afina.core.ids import checkpoint_name
 from afina.core.job_config import (
     SUFFIX_PATTERN,
     ConfigRequest,
@@ -222,7 +223,7 @@ class CheckpointObject(BaseModel):
             id=row.id,
             created_at=unix_seconds(row.created_at),
             fine_tuning_job_id=row.job_id,
-            fine_tuned_model_checkpoint=f"{row.job_id}:ckpt-step-{row.step}",
+            fine_tuned_model_checkpoint=checkpoint_name(row.job_id, row.step),
             step_number=row.step,
             metrics=row.metrics,
         )

@@ -6,6 +6,7 @@ import pytest
 
 from afina.serving.engine import InferenceEngine
 from afina.serving.protocol import InferenceError
+from tests.support import GROWING_CHATS, jsonl, upload
 
 
 @pytest.fixture
@@ -21,3 +22,15 @@ def no_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(InferenceEngine, "_run", run)
     yield
     assert runs == [], "a request reached the inference engine's thread"
+
+
+@pytest.fixture
+def model(demo_model) -> str:
+    """The demo model's path, as a job body names it."""
+    return str(demo_model)
+
+
+@pytest.fixture
+def training_file(client) -> str:
+    """A file of `GROWING_CHATS`, uploaded."""
+    return upload(client, jsonl(*GROWING_CHATS)).json()["id"]

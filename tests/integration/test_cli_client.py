@@ -270,7 +270,8 @@ def test_the_api_key_comes_from_the_option_or_the_environment(make_settings):
     settings = make_settings(api_keys=["proj:secret-key"])
     with serve_in_thread(create_app(settings)) as url:
         runner = CliRunner()
-        refused(runner.invoke(cli, ["files", "list", "--base-url", url]), 401, "")
+        missing = runner.invoke(cli, ["files", "list", "--base-url", url])
+        refused(missing, 401, "Missing API key")
         given = runner.invoke(cli, ["files", "list", "--base-url", url, "--api-key", "secret-key"])
         assert ok(given) == "No files.\n"
         env = {"AFINA_BASE_URL": url, "AFINA_API_KEY": "secret-key"}

@@ -14,27 +14,7 @@ from afina.core.records import to_preference_record, to_record
 from afina.jobs.planning import CPU_RESIDENT_FACTOR, FIT_SHARE
 from afina.jobs.workers import size_key
 from afina.models import Job, JobEvent, Worker
-from tests.support import assert_error, jsonl, register_worker, rows, upload
-
-CHATS = [
-    {
-        "messages": [
-            {"role": "user", "content": "tell me " + "more " * n},
-            {"role": "assistant", "content": "sure " * (2 * n + 1)},
-        ]
-    }
-    for n in range(8)
-]
-
-
-@pytest.fixture
-def model(demo_model) -> str:
-    return str(demo_model)
-
-
-@pytest.fixture
-def training_file(client) -> str:
-    return upload(client, jsonl(*CHATS)).json()["id"]
+from tests.support import GROWING_CHATS, assert_error, jsonl, register_worker, rows, upload
 
 
 def body(model: str, training_file: str, **training) -> dict:
@@ -61,7 +41,7 @@ def test_the_estimate_counts_the_runs_tokens_and_memory_and_stores_nothing(
     tokenizer = load_tokenizer(model, trust_remote_code=False)
     lengths = [
         len(to_record(ChatExample.model_validate(chat), tokenizer, loss_on="completion").input_ids)
-        for chat in CHATS
+        for chat in GROWING_CHATS
     ]
     assert (plan["tokens"], plan["examples"], plan["tokens_counted"]) == (sum(lengths), 8, True)
     assert plan["steps"] == 2 * 2  # 8 examples, batches of 4, 2 epochs

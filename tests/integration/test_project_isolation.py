@@ -23,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import fastapi.routing
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -31,6 +30,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from starlette.routing import compile_path
 
+from afina.api.asgi import all_routes
 from afina.core.ids import new_id
 from afina.core.settings import Settings
 from afina.core.storage import adapter_key, checkpoint_key, export_key
@@ -724,11 +724,9 @@ def listed_ids(response) -> set[str]:
 
 def served_routes(app: FastAPI) -> set[tuple[str, str]]:
     """(method, path) of every API route the app serves, however its routers are nested:
-    since FastAPI 0.137 an included router is one opaque entry of `app.routes`, and
-    `iter_route_contexts` (what FastAPI's OpenAPI schema is built from) opens it."""
-    flatten = getattr(fastapi.routing, "iter_route_contexts", iter)
+    `all_routes` opens the routers the app includes."""
     served = set()
-    for route in flatten(app.routes):
+    for route in all_routes(app.routes):
         api_route = isinstance(getattr(route, "original_route", route), APIRoute)
         if api_route and route.path not in OUT_OF_MATRIX:
             served |= {(method, route.path) for method in route.methods}

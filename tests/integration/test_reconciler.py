@@ -56,7 +56,7 @@ from afina.worker.process import shutdown_requested
 from afina.worker.run_recorder import JobRecorder
 from afina.worker.training.errors import TrainingFailure
 from afina.worker.training.run import TrainingOutcome
-from tests.support import JOB_CONFIG, broker_url_for, job_row
+from tests.support import JOB_CONFIG, broker_url_for, job_row, take_messages
 
 pytestmark = pytest.mark.both_backends
 
@@ -218,18 +218,6 @@ def resume_steps(stack: Stack, job_id: str) -> list[str]:
     return stack.storage.names(resume_key(job_id))
 
 
-def take_messages(stack: Stack, queue: str = TRAIN_QUEUE, task: str = TRAIN_TASK) -> list[str]:
-    """The job (or export) ids of the messages waiting on the queue, taken off it."""
-    job_ids = []
-    with stack.queue.connection_for_write() as connection:
-        channel = connection.default_channel
-        while (message := channel.basic_get(queue, no_ack=True)) is not None:
-            assert message.headers["task"] == task
-            args, _kwargs, _embed = message.decode()
-            job_ids.append(args[0])
-    return job_ids
-
-
 def trained(directory: Path, adapter: str) -> TrainingOutcome:
     """How a run that trained to its end returns: with its adapter saved in `directory`."""
     directory.mkdir(parents=True)
@@ -270,7 +258,7 @@ def test_a_job_whose_heartbeat_stopped_is_queued_again_to_resume_from_its_newest
     assert f"queued again, to resume from step {resume_step} " in event.message
     assert f"(worker lost 1 time(s); the job fails at {MAX_ATTEMPTS})" in event.message
     assert event.data == {"lost_workers": 1, "step": STEPS_DONE}
-    assert take_messages(stack) == [job.id]
+    assert take_messages(stack.queue) == [job.id]
     # The state the next run resumes from is kept.
     assert resume_steps(stack, job.id) == [f"step-{step}" for step in kept]
 
@@ -294,7 +282,7 @@ def test_the_job_of_a_worker_seen_to_die_is_taken_back_at_once(stack: Stack, tmp
         f"Worker lost at step {STEPS_DONE} (its worker process ended): queued again, to "
         "resume from step 10"
     )
-    assert take_messages(stack) == [dead.id]
+    assert take_messages(stack.queue) == [dead.id]
     # Other workers' jobs, their heartbeats fresh, stay theirs.
     assert {job.id: snapshot(stored(stack, job.id)) for job in others} == before
     assert all(events(stack, job.id) == [] for job in others)
@@ -326,7 +314,7 @@ def test_a_fresh_heartbeat_is_left_alone(stack: Stack):
         assert snapshot(stored(stack, job.id)) == before[job.id]
         assert events(stack, job.id) == []
     assert stored(stack, stale_east.id).status == JobStatus.QUEUED
-    assert take_messages(stack) == [stale_east.id]
+    assert take_messages(stack.queue) == [stale_east.id]
 
 
 def test_a_job_whose_worker_is_lost_max_attempts_times_fails(stack: Stack, tmp_path: Path):
@@ -352,7 +340,7 @@ def test_a_job_whose_worker_is_lost_max_attempts_times_fails(stack: Stack, tmp_p
     assert row.estimated_finish is None
     (event,) = events(stack, job.id)
     assert (event.level, event.message) == ("error", f"Job failed: {message}")
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
     assert not stack.storage.exists(resume_key(job.id))  # half-written state included
 
 
@@ -376,7 +364,7 @@ def test_a_job_lost_while_it_was_to_pause_is_paused_and_a_paused_job_is_never_lo
     assert [event.message for event in events(stack, pausing.id)] == [
         "Job paused: it resumes from step 10"
     ]
-    assert take_messages(stack) == []  # resuming it sends one
+    assert take_messages(stack.queue) == []  # resuming it sends one
     assert snapshot(stored(stack, paused.id))["status"] == JobStatus.PAUSED
     assert events(stack, paused.id) == []
 
@@ -407,9 +395,9 @@ def test_an_export_whose_worker_went_silent_fails_and_an_unsent_one_is_sent(stac
     assert found[silent].status == ExportStatus.FAILED
     assert found[silent].error["code"] == "worker_lost"
     assert found[beating].status == ExportStatus.RUNNING
-    assert take_messages(stack, EXPORT_QUEUE, EXPORT_TASK) == [unsent]
+    assert take_messages(stack.queue, EXPORT_QUEUE, EXPORT_TASK) == [unsent]
     assert found[just_created].enqueued_at is None
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
     assert [event.message for event in events(stack, job.id)] == [
         f"Export {silent} failed: {found[silent].error['message']}"
     ]
@@ -419,7 +407,7 @@ def test_an_export_whose_worker_went_silent_fails_and_an_unsent_one_is_sent(stac
     sent_long_ago = utcnow() - timedelta(seconds=LOST_MESSAGE_SECONDS + 5)
     lost = export(ExportStatus.QUEUED, created_at=sent_long_ago, enqueued_at=sent_long_ago)
     stack.reconciler().reconcile()
-    assert take_messages(stack, EXPORT_QUEUE, EXPORT_TASK) == [lost]
+    assert take_messages(stack.queue, EXPORT_QUEUE, EXPORT_TASK) == [lost]
 
 
 def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(stack: Stack):
@@ -430,7 +418,7 @@ def test_a_queued_job_without_a_message_gets_one_once_its_sender_has_had_time(st
 
     stack.reconciler().reconcile()
 
-    assert take_messages(stack) == [unsent.id]
+    assert take_messages(stack.queue) == [unsent.id]
     assert stored(stack, unsent.id).enqueued_at is not None
     assert stored(stack, just_stored.id).enqueued_at is None
     assert stored(stack, sent.id).enqueued_at == long_ago
@@ -450,12 +438,12 @@ def test_a_queued_job_whose_message_was_lost_gets_another(stack: Stack):
 
     stack.reconciler().reconcile()
 
-    assert take_messages(stack) == [lost.id]
+    assert take_messages(stack.queue) == [lost.id]
     assert stored(stack, lost.id).enqueued_at > long_ago
     assert stored(stack, recent.id).enqueued_at == just_sent
     assert events(stack, lost.id) == []
     stack.reconciler().reconcile()  # sent again just now: not once more
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
 
 
 def test_queued_jobs_whose_messages_wait_in_the_queue_are_not_sent_again(stack: Stack):
@@ -469,7 +457,7 @@ def test_queued_jobs_whose_messages_wait_in_the_queue_are_not_sent_again(stack: 
 
     stack.reconciler().reconcile()
 
-    assert take_messages(stack) == [waiting[1].id]  # only the one that was there
+    assert take_messages(stack.queue) == [waiting[1].id]  # only the one that was there
     assert [stored(stack, job.id).enqueued_at for job in waiting] == [long_ago] * 2
 
 
@@ -483,9 +471,9 @@ def test_a_job_s_message_goes_to_the_job_s_own_queue(stack: Stack):
     stack.reconciler().reconcile()
 
     assert stored(stack, taken_back.id).status == JobStatus.QUEUED
-    assert take_messages(stack, "train-24g") == [taken_back.id]
-    assert take_messages(stack, "train-80g") == [unsent.id]
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue, "train-24g") == [taken_back.id]
+    assert take_messages(stack.queue, "train-80g") == [unsent.id]
+    assert take_messages(stack.queue) == []
 
 
 def test_a_lost_message_is_sent_again_when_the_job_s_own_queue_is_empty(stack: Stack):
@@ -504,10 +492,10 @@ def test_a_lost_message_is_sent_again_when_the_job_s_own_queue_is_empty(stack: S
 
     stack.reconciler().reconcile()
 
-    assert take_messages(stack, "train-80g") == [lost.id]
+    assert take_messages(stack.queue, "train-80g") == [lost.id]
     assert stored(stack, lost.id).enqueued_at > long_ago
-    assert take_messages(stack) == [waiting.id]  # only the one that was there
-    assert take_messages(stack, "train-24g") == ["ftjob-another"]
+    assert take_messages(stack.queue) == [waiting.id]  # only the one that was there
+    assert take_messages(stack.queue, "train-24g") == ["ftjob-another"]
     assert [stored(stack, job.id).enqueued_at for job in (waiting, behind)] == [long_ago] * 2
 
 
@@ -528,7 +516,7 @@ def test_an_ended_job_is_never_touched(stack: Stack, status: JobStatus):
 
     assert snapshot(stored(stack, job.id)) == before
     assert events(stack, job.id) == []
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
 
 
 @pytest.mark.parametrize("lost_workers", [0, MAX_ATTEMPTS - 1], ids=["requeued", "failed"])
@@ -567,11 +555,11 @@ def test_two_reconcilers_at_once_take_a_job_back_once(
     if lost_workers + 1 < MAX_ATTEMPTS:
         assert row.status == JobStatus.QUEUED
         assert event.message.startswith("Worker lost")
-        assert take_messages(stack) == [job.id]
+        assert take_messages(stack.queue) == [job.id]
     else:
         assert row.status == JobStatus.FAILED
         assert event.message.startswith("Job failed")
-        assert take_messages(stack) == []
+        assert take_messages(stack.queue) == []
 
 
 def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack: Stack):
@@ -586,13 +574,13 @@ def test_a_job_taken_back_while_the_broker_is_down_gets_its_message_later(stack:
 
     reconciler = stack.reconciler()
     reconciler.reconcile()  # within the grace a new job's sender has: not yet
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
     long_ago = utcnow() - timedelta(seconds=UNSENT_GRACE_SECONDS + 5)
     with stack.session_factory.begin() as session:
         session.execute(update(Job).where(Job.id == job.id).values(updated_at=long_ago))
     reconciler.reconcile()
 
-    assert take_messages(stack) == [job.id]
+    assert take_messages(stack.queue) == [job.id]
     row = stored(stack, job.id)
     assert (row.status, row.lost_workers) == (JobStatus.QUEUED, 1)
     assert row.enqueued_at is not None
@@ -613,7 +601,7 @@ def test_a_run_whose_job_was_taken_back_changes_nothing(stack: Stack, tmp_path: 
     stack.reconciler().reconcile()
     assert stored(stack, old.id).status == JobStatus.QUEUED
     assert old_run.progress(16, 40, 0.4, None) is False
-    assert take_messages(stack) == [old.id]
+    assert take_messages(stack.queue) == [old.id]
 
     # The next worker takes the message: a new run holds the job.
     claimed = claim(stack.context(), old.id)
@@ -683,7 +671,7 @@ def test_a_stopping_worker_s_job_gets_a_message_should_the_worker_die_before_han
 
     stack.reconciler().reconcile()
 
-    assert take_messages(stack) == [job.id]
+    assert take_messages(stack.queue) == [job.id]
     assert stored(stack, job.id).enqueued_at is not None
 
 
@@ -865,13 +853,13 @@ def test_heartbeats_count_only_once_the_database_has_taken_writes_for_a_timeout(
     assert stored(stack, stale.id).status == JobStatus.RUNNING
     assert events(stack, stale.id) == []
     assert stored(stack, dead.id).status == JobStatus.QUEUED
-    assert take_messages(stack) == [dead.id]
+    assert take_messages(stack.queue) == [dead.id]
 
     reconciler.healthy_since -= TIMEOUT  # the database has taken writes for a timeout since
     reconciler.reconcile()
 
     assert stored(stack, stale.id).status == JobStatus.QUEUED
-    assert take_messages(stack) == [stale.id]
+    assert take_messages(stack.queue) == [stale.id]
 
 
 def test_a_stalled_write_probe_holds_heartbeat_take_backs_for_a_timeout(stack: Stack):
@@ -885,11 +873,11 @@ def test_a_stalled_write_probe_holds_heartbeat_take_backs_for_a_timeout(stack: S
     reconciler.reconcile()
 
     assert stored(stack, stale.id).status == JobStatus.RUNNING
-    assert take_messages(stack) == []
+    assert take_messages(stack.queue) == []
     reconciler.healthy_since -= timeout
     reconciler.reconcile()
     assert stored(stack, stale.id).status == JobStatus.QUEUED
-    assert take_messages(stack) == [stale.id]
+    assert take_messages(stack.queue) == [stale.id]
 
 
 @pytest.fixture
@@ -952,7 +940,7 @@ def test_a_job_that_ends_leaves_no_scratch_folder_behind(
     (scratch / run_of(job).run_id).mkdir(parents=True)
     (scratch / run_of(job).run_id / "tokenized.bin").write_text("the killed run's")
     stack.reconciler().reconcile()
-    assert take_messages(stack) == [job.id]
+    assert take_messages(stack.queue) == [job.id]
 
     def trains(context: WorkerContext, job: Job, recorder: JobRecorder) -> TrainingOutcome:
         assert job_runner.workdir(context, recorder.run).parent == scratch

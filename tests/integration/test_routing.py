@@ -4,35 +4,15 @@ queue of the smallest registered worker class that fits it, or to the one its bo
 could be checked; its message lands on that queue, now and when it is resumed."""
 
 import pytest
-from celery import Celery
 from sqlalchemy import update
 
 from afina.jobs.planning import FIT_SHARE
-from afina.jobs.queue import TRAIN_QUEUE, TRAIN_TASK
+from afina.jobs.queue import TRAIN_QUEUE
 from afina.models import Job, JobEvent, Worker
 from afina.models.base import utcnow
-from tests.support import assert_error, jsonl, register_worker, rows, upload
+from tests.support import assert_error, register_worker, rows, take_messages
 
-CHATS = [
-    {
-        "messages": [
-            {"role": "user", "content": "tell me " + "more " * n},
-            {"role": "assistant", "content": "sure " * (2 * n + 1)},
-        ]
-    }
-    for n in range(8)
-]
 QUEUES = ("train", "train-tiny", "train-24g", "train-80g")
-
-
-@pytest.fixture
-def model(demo_model) -> str:
-    return str(demo_model)
-
-
-@pytest.fixture
-def training_file(client) -> str:
-    return upload(client, jsonl(*CHATS)).json()["id"]
 
 
 def body(model: str, training_file: str, **extra) -> dict:
@@ -44,18 +24,6 @@ def body(model: str, training_file: str, **extra) -> dict:
         "training": {"gradient_checkpointing": True},
         **extra,
     }
-
-
-def take_messages(celery: Celery, queue: str) -> list[str]:
-    """The job ids of the training messages waiting on `queue`, taken off it."""
-    job_ids = []
-    with celery.connection_for_write() as connection:
-        channel = connection.default_channel
-        while (message := channel.basic_get(queue, no_ack=True)) is not None:
-            assert message.headers["task"] == TRAIN_TASK
-            args, _kwargs, _embed = message.decode()
-            job_ids.append(args[0])
-    return job_ids
 
 
 def messages_by_queue(client) -> dict[str, list[str]]:

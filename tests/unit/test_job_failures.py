@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from afina.core.job_config import ConfigRequest, resolve_config
-from afina.worker.job_runner import _as_failure
+from afina.worker.job_runner import as_failure
 from tests.support import job_row
 
 
@@ -16,7 +16,7 @@ def test_out_of_memory_names_the_batch_size_of_the_job_s_method(method):
         model_max_length=512,
     )
     job = job_row(config=config.model_dump(mode="json"))
-    failure = _as_failure(torch.OutOfMemoryError("CUDA out of memory"), job)
+    failure = as_failure(torch.OutOfMemoryError("CUDA out of memory"), job)
     assert (failure.code, failure.param) == (
         "out_of_memory",
         f"method.{method}.hyperparameters.batch_size",

@@ -14,6 +14,7 @@ from afina.jobs.planning import FIT_SHARE, Dataset, plan, route
 from afina.jobs.queue import EXPORT_QUEUE, EXPORT_TASK, TRAIN_QUEUE, TRAIN_TASK, training_queues
 from afina.jobs.workers import queues_of, taking
 from afina.models import Worker
+from tests.unit.test_job_config import only_error
 
 SHAPE = ModelShape(
     hidden=256,
@@ -137,13 +138,6 @@ def test_the_registry_row_lists_a_worker_s_training_queues_in_its_order():
 
 
 # --- the job body's `resources` ----------------------------------------------------------------
-
-
-def only_error(body: dict) -> dict:
-    with pytest.raises(ValidationError) as refused:
-        ConfigRequest.model_validate(body)
-    (error,) = refused.value.errors(include_url=False)
-    return error
 
 
 @pytest.mark.parametrize("name", ["train", "train-80g", "a100_40gb.spot", "x" * 64])

@@ -14,3 +14,8 @@ class TrainingFailure(Exception):
 
     def as_error(self) -> dict[str, str | None]:
         return asdict(self)
+
+
+def first_line(error: BaseException) -> str:
+    """The error's message for a user: its first line, at most 300 characters."""
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
